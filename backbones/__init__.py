@@ -1,0 +1,1 @@
+"""Built-in tokenizers and quantizers, registered through the same plugin hooks a third party uses."""

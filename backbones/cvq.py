@@ -1,0 +1,1 @@
+"""cvq plugin module (filled in by its issue)."""

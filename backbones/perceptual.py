@@ -1,0 +1,1 @@
+"""perceptual plugin module (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""vq plugin module (filled in by its issue)."""

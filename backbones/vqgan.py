@@ -1,0 +1,1 @@
+"""vqgan plugin module (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""vqvae plugin module (filled in by its issue)."""

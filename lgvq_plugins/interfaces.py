@@ -1,0 +1,249 @@
+"""The contracts between components: plain dataclasses and ``typing.Protocol`` classes.
+
+Anything that meets a protocol can be used where it is expected — a third-party model
+behind a thin adapter included. Shapes use ``B`` batch, ``D`` latent width, ``h×w`` the
+latent grid, ``K`` codebook size, ``L`` caption tokens, ``Dt`` text width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------
+# Quantizers
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quantized:
+    """What a quantizer returns.
+
+    Attributes:
+        z_q: (B, D, h, w) quantized latents; in training the straight-through output, so
+            gradients flow to the encoder. In eval mode exactly ``embed(indices)``.
+        indices: (B, h, w) int64 code indices.
+        loss: scalar quantizer objective (codebook + β·commitment, plus any extra terms);
+            already included in the tokenizer's generator loss.
+        stats: detached scalars for logging: at least ``perplexity`` and ``usage`` (the
+            fraction of the codebook used in this batch).
+    """
+
+    z_q: Tensor
+    indices: Tensor
+    loss: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Maps continuous latents (B, D, h, w) to the nearest of K codes.
+
+    Registered factories are called as ``factory(dim=D, **settings)``.
+    """
+
+    num_codes: int
+    dim: int
+
+    @property
+    def codebook(self) -> Tensor:
+        """(K, D) the codes as used for lookup (after any projection/normalisation)."""
+
+    def __call__(self, z: Tensor) -> Quantized: ...
+
+    def embed(self, indices: Tensor) -> Tensor:
+        """(B, h, w) indices → (B, D, h, w) codes."""
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizers (backbones)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossOutput:
+    """A scalar objective plus the detached numbers to log (name → float or 0-d tensor)."""
+
+    loss: Tensor
+    logs: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Encoder → quantizer → decoder, with its own training objectives.
+
+    ``forward(x)`` returns ``(reconstruction, quantized)``. The generator objective is
+    computed from the *one* forward of a batch; the discriminator (if any) sees the
+    detached reconstruction, so no batch is run through the generator twice.
+    ``config`` holds the constructor arguments (JSON-serialisable) so that
+    ``create_backbone(name, **config)`` rebuilds the same architecture.
+    """
+
+    quantizer: Quantizer
+    embed_dim: int
+    config: dict[str, Any]
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Latent grid (h, w) for an input of ``image_size``."""
+
+    def encode(self, x: Tensor) -> Quantized:
+        """(B, 3, H, W) in [-1, 1] → :class:`Quantized` with ``z_q`` (B, D, h, w)."""
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        """(B, D, h, w) → (B, 3, H, W)."""
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """(B, h, w) → (B, 3, H, W); equals ``decode(quantizer.embed(indices))``."""
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Quantized]: ...
+
+    def generator_loss(self, x: Tensor, reconstruction: Tensor, quantized: Quantized,
+                       step: int) -> LossOutput:
+        """Reconstruction (+ perceptual) + quantizer loss (+ adaptive-weight GAN term once
+        ``step >= disc_start``)."""
+
+    def discriminator_loss(self, x: Tensor, reconstruction: Tensor, step: int) -> LossOutput | None:
+        """Discriminator objective on real ``x`` and the *detached* reconstruction;
+        ``None`` for tokenizers with no discriminator."""
+
+    def discriminator_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the discriminator (empty list when there is none); everything else
+        is trained by the generator optimizer."""
+
+
+# ---------------------------------------------------------------------------------------
+# Text encoders
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextTokens:
+    """Tokenized captions, padded to the encoder's ``max_length``.
+
+    Attributes:
+        ids: (B, L) int64 token ids. Padding is *not* recognised by its id (id 0 is a real
+            token for some vocabularies); use ``lengths``.
+        lengths: (B,) int64 number of real tokens, start/end tokens included.
+        special_mask: (B, L) bool, True at start/end/CLS/SEP tokens (never masked for L_mtp).
+    """
+
+    ids: Tensor
+    lengths: Tensor
+    special_mask: Tensor
+
+    @property
+    def padding_mask(self) -> Tensor:
+        """(B, L) bool, True at padding positions."""
+        L = self.ids.shape[1]
+        return torch.arange(L, device=self.ids.device)[None, :] >= self.lengths[:, None]
+
+    def to(self, device: torch.device | str) -> "TextTokens":
+        return TextTokens(self.ids.to(device), self.lengths.to(device), self.special_mask.to(device))
+
+
+@dataclass
+class TextFeatures:
+    """Frozen text features of a batch of captions.
+
+    Attributes:
+        token_feats: (B, L, Dt) per-token features (padding positions are arbitrary).
+        global_feat: (B, Dg) one feature per caption (CLIP: the end-of-text token after
+            the text projection; BERT-style: mean-pooled or CLS).
+        tokens: the :class:`TextTokens` they were computed from.
+    """
+
+    token_feats: Tensor
+    global_feat: Tensor
+    tokens: TextTokens
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.tokens.lengths
+
+    def to(self, device: torch.device | str) -> "TextFeatures":
+        return TextFeatures(self.token_feats.to(device), self.global_feat.to(device), self.tokens.to(device))
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """A frozen pretrained text encoder.
+
+    Attributes:
+        identity: a string naming the model and weights (the feature-cache key prefix).
+        max_length: caption length L in tokens (start/end included).
+        width: Dt, the width of ``token_feats``.
+        global_width: Dg, the width of ``global_feat``.
+        special_token_ids: ids of start/end/CLS/SEP/pad tokens.
+    """
+
+    identity: str
+    max_length: int
+    width: int
+    global_width: int
+    special_token_ids: frozenset[int]
+
+    @property
+    def vocab_embeddings(self) -> Tensor:
+        """(V, De) the frozen token-embedding matrix (tied MLM output layer of L_mtp)."""
+
+    def tokenize(self, captions: list[str]) -> TextTokens: ...
+
+    def encode(self, tokens: TextTokens) -> TextFeatures: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Language guidance
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GuidedOutput:
+    """What ``LanguageGuided.forward`` gives the alignment losses and the trainer.
+
+    Attributes:
+        reconstruction: (B, 3, H, W).
+        quantized: the tokenizer's :class:`Quantized`.
+        text: frozen features of the batch's captions (None when guidance is off).
+        visual_tokens: (B, 1 + h·w, Dt) code–text transformer output, global token first.
+        extras: anything a loss computed on the way that another may reuse
+            (e.g. the masked-token decoder output and its targets).
+        losses: weighted alignment terms (name → scalar), summed into the objective.
+        raw_losses: the same terms before weighting (for logging).
+    """
+
+    reconstruction: Tensor
+    quantized: Quantized
+    text: TextFeatures | None = None
+    visual_tokens: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    raw_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class AlignmentLoss(Protocol):
+    """One alignment objective. Modules (it may own parameters, e.g. an MLM head).
+
+    ``setup(guide)`` is called once by :class:`LanguageGuided` with itself, so a loss can
+    size its layers from the tokenizer and text encoder; then ``loss(guided, batch)``
+    returns an unweighted scalar each step.
+    """
+
+    def setup(self, guide: Any) -> None: ...
+
+    def __call__(self, guided: GuidedOutput, batch: Mapping[str, Any]) -> Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Downstream tasks
+# ---------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A downstream evaluation or second-stage model on the trained codes."""
+
+    def run(self, tokenizer: Tokenizer, data: Any, out_dir: str) -> dict[str, float]: ...

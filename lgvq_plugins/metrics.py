@@ -1,0 +1,1 @@
+"""metrics plugin module (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""Built-in downstream task plugins."""
