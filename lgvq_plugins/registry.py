@@ -155,7 +155,12 @@ class Registry:
         """Build ``name``. Keyword arguments that are ``None`` are dropped (as timm does), so
         callers can pass optional overrides without clobbering gin bindings or defaults."""
         factory = self.get(name)
-        return factory(**{k: v for k, v in kwargs.items() if v is not None})
+        component = factory(**{k: v for k, v in kwargs.items() if v is not None})
+        try:  # remembered so a saved model can say which factory rebuilds it
+            component.lgvq_registry_name = name
+        except (AttributeError, TypeError):
+            pass
+        return component
 
     def _unknown_message(self, name: str) -> str:
         names = sorted(self._entries)
