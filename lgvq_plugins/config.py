@@ -3,6 +3,7 @@ after every plugin has registered its configurables."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,11 @@ from typing import Iterable, Sequence
 import gin
 
 from .plugins import get_host
+
+
+#: Modules whose ``@gin.configurable`` classes (Experiment, Trainer, LanguageGuided, ...)
+#: gin files refer to; imported before parsing so every name is known.
+CONFIGURABLE_MODULES: tuple[str, ...] = ("lgvq_plugins.experiment",)
 
 
 def bundled_gin_dir() -> Path:
@@ -60,6 +66,8 @@ def parse_gin(files: Sequence[str | os.PathLike[str]] = (), bindings: Iterable[s
     an unknown configurable fails before any work starts.
     """
     get_host()  # every registered component must be configurable before parsing
+    for module in CONFIGURABLE_MODULES:
+        importlib.import_module(module)
     resolved = [resolve_gin_file(f) for f in files]
     search_paths = [bundled_gin_dir(), *(p.parent for p in resolved)]
     for path in search_paths:
