@@ -17,8 +17,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, TypeVar
 
-from .plugins import get_host, plugin_infos, reset_plugins
-from .registry import KINDS, DuplicateComponentError, UnknownComponentError
+from . import _source_layout
+
+_source_layout.install()
+
+from .plugins import get_host, plugin_infos, reset_plugins  # noqa: E402
+from .registry import KINDS, DuplicateComponentError, UnknownComponentError  # noqa: E402
 
 __version__ = "0.1.0"
 
