@@ -1,0 +1,197 @@
+"""The layers language guidance adds on top of a tokenizer's codes.
+
+* :class:`CodeTextTransformer` — reads the quantized grid ``z_q`` (B, D, h, w) and gives the
+  visual tokens ``v`` (B, 1 + h·w, Dt): a learnable global token first, then one token per
+  code, in the text encoder's width so they can be compared with word features.
+* :class:`TextDecoder` — reads (masked) caption token features and cross-attends to ``v``
+  (the masked-text-prediction branch).
+* :class:`MLMHead` — turns decoder states into vocabulary logits, tied to the text
+  encoder's frozen token-embedding matrix.
+
+Every LayerNorm uses ``eps >= 1e-5`` and every attention mask is boolean, so the layers are
+safe under fp16/bf16 autocast (trap §2.3 of the design).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+#: LayerNorm epsilon for every layer here: 1e-12 (the reference) underflows in fp16.
+LN_EPS = 1e-5
+
+
+def _grid_tuple(grid: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(grid, int):
+        return grid, grid
+    h, w = grid
+    return int(h), int(w)
+
+
+class CodeTextTransformer(nn.Module):
+    """Quantized grid → visual tokens ``v`` (B, 1 + h·w, out_dim), global token first.
+
+    Flatten ``z_q`` to h·w tokens, project D → ``width``, prepend a learnable global token,
+    add learnable positional embeddings (sized from ``grid``), run ``depth`` pre-LN
+    transformer blocks, then LayerNorm and project to ``out_dim`` (the text width Dt).
+
+    A grid other than the one the positional embeddings were built for (evaluation at
+    another resolution) is served by bicubic interpolation of the grid part, as ViTs do.
+
+    Args:
+        in_dim: D, the channel width of ``z_q``.
+        out_dim: Dt, the width of the text encoder's token features.
+        grid: (h, w) latent grid the positional embeddings are sized for.
+        width: transformer width.
+        depth: number of transformer blocks (reference: 2).
+        heads: attention heads (must divide ``width``).
+        mlp_ratio: hidden width of each block's MLP as a multiple of ``width``.
+        dropout: dropout on attention weights and block outputs.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, grid: int | tuple[int, int], *, width: int = 256,
+                 depth: int = 2, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"code-text transformer width {width} is not divisible by heads {heads}; "
+                             "set LanguageGuided.width / LanguageGuided.heads so that it is")
+        self.grid = _grid_tuple(grid)
+        h, w = self.grid
+        self.in_dim, self.out_dim, self.width = in_dim, out_dim, width
+        self.proj_in = nn.Linear(in_dim, width)
+        self.global_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + h * w, width))
+        norm = partial(nn.LayerNorm, eps=LN_EPS)
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout,
+                  attn_drop=dropout, norm_layer=norm)
+            for _ in range(depth)
+        )
+        self.norm = norm(width)
+        self.proj_out = nn.Linear(width, out_dim)
+        head_init_(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.global_token, std=0.02)
+
+    def positional_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """(1, 1 + h·w, width) embeddings for ``grid``, interpolated if it is not the built one."""
+        if grid == self.grid:
+            return self.pos_embed
+        h0, w0 = self.grid
+        glob, spatial = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        spatial = rearrange(spatial, "1 (h w) c -> 1 c h w", h=h0, w=w0)
+        spatial = F.interpolate(spatial.float(), size=grid, mode="bicubic", align_corners=False)
+        spatial = rearrange(spatial, "1 c h w -> 1 (h w) c").to(self.pos_embed.dtype)
+        return torch.cat([glob, spatial], dim=1)
+
+    def forward(self, z_q: Tensor) -> Tensor:
+        """(B, D, h, w) → (B, 1 + h·w, out_dim)."""
+        if z_q.dim() != 4 or z_q.shape[1] != self.in_dim:
+            raise ValueError(f"code-text transformer expects z_q of shape (B, {self.in_dim}, h, w), "
+                             f"got {tuple(z_q.shape)}")
+        b, _, h, w = z_q.shape
+        x = self.proj_in(rearrange(z_q, "b d h w -> b (h w) d"))
+        x = torch.cat([self.global_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.positional_embedding((h, w)).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj_out(self.norm(x))
+
+
+class TextDecoder(nn.Module):
+    """Masked caption features + visual tokens → per-token states (B, L, width).
+
+    Post-LN layers (as the reference): self-attention over the real (non-padding) tokens
+    of each caption, cross-attention to every visual token, then an MLP. Masked positions
+    are first replaced by a learned mask embedding *per position*, so the decoder knows
+    where a word is missing without seeing it.
+
+    Args:
+        width: Dt, the width of the token features (and of the visual tokens).
+        max_length: L, caption length of the text encoder (one mask embedding per position).
+        depth: decoder layers (reference: 2).
+        heads: attention heads (must divide ``width``).
+        mlp_ratio: MLP hidden width as a multiple of ``width``.
+        dropout: dropout inside the layers.
+    """
+
+    def __init__(self, width: int, max_length: int, *, depth: int = 2, heads: int = 8,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text decoder width {width} (the text encoder's width) is not divisible "
+                             f"by heads {heads}; set mtp.heads to a divisor of {width}")
+        self.width, self.max_length = width, max_length
+        self.mask_embed = nn.Parameter(torch.zeros(max_length, width))
+        nn.init.trunc_normal_(self.mask_embed, std=0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(width, heads, dim_feedforward=int(width * mlp_ratio),
+                                       dropout=dropout, activation="gelu", layer_norm_eps=LN_EPS,
+                                       batch_first=True, norm_first=False)
+            for _ in range(depth)
+        )
+
+    def forward(self, token_feats: Tensor, mask: Tensor, padding_mask: Tensor, visual_tokens: Tensor) -> Tensor:
+        """
+        Args:
+            token_feats: (B, L, width) frozen text features of the *unmasked* caption.
+            mask: (B, L) bool, True where the token is hidden (replaced by the mask embedding).
+            padding_mask: (B, L) bool, True at padding (ignored as attention keys).
+            visual_tokens: (B, 1 + h·w, width).
+
+        Returns:
+            (B, L, width) decoder states; rows at padding positions are meaningless.
+        """
+        length = token_feats.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"captions have {length} tokens but the text decoder was built for "
+                             f"{self.max_length} (the text encoder's max_length)")
+        x = torch.where(mask[..., None], self.mask_embed[:length].to(token_feats.dtype), token_feats)
+        # A caption with no real token at all would leave a query row with every key masked
+        # (NaN softmax); keep its first position visible instead.
+        padding_mask = padding_mask.clone()
+        padding_mask[:, 0] &= ~padding_mask.all(dim=1)
+        for layer in self.layers:
+            x = layer(x, visual_tokens.to(x.dtype), tgt_key_padding_mask=padding_mask)
+        return x
+
+
+class MLMHead(nn.Module):
+    """Decoder states → vocabulary logits, tied to the frozen token embeddings ``E`` (V, De).
+
+    Linear(width → De) → GELU → LayerNorm, then ``logits = h · Eᵀ + b``. Only the Linear,
+    the LayerNorm and the bias ``b`` (V,) are trained; ``E`` is passed in at call time so it
+    stays with the frozen text encoder (never in this module's state).
+    """
+
+    def __init__(self, width: int, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(width, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, states: Tensor, embeddings: Tensor) -> Tensor:
+        """(..., width) states and (V, De) embeddings → (..., V) logits."""
+        if embeddings.shape[0] != self.bias.shape[0] or embeddings.shape[1] != self.dense.out_features:
+            raise ValueError(f"MLM head was built for a vocabulary of shape "
+                             f"({self.bias.shape[0]}, {self.dense.out_features}); got embeddings of "
+                             f"shape {tuple(embeddings.shape)}")
+        h = self.norm(F.gelu(self.dense(states)))
+        return F.linear(h, embeddings.detach().to(h.dtype), self.bias.to(h.dtype))
+
+
+def head_init_(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal init for Linear weights, zeros for biases (BERT-style heads)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+__all__ = ["CodeTextTransformer", "TextDecoder", "MLMHead", "LN_EPS", "head_init_"]

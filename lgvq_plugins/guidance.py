@@ -1,0 +1,212 @@
+"""``LanguageGuided``: wraps any tokenizer and adds LG-VQ's alignment losses.
+
+One forward per batch: the tokenizer reconstructs the images; the code–text transformer
+turns the quantized grid into visual tokens; the frozen text encoder's features of the
+captions come from a feature cache (the encoder runs once per unique caption); each
+alignment loss returns an unweighted scalar that is weighted here::
+
+    L = L_tokenizer + Σ_name weight[name] · loss[name](guided, batch)
+
+The frozen text encoder is kept *outside* the module tree: it is not in ``state_dict()``
+nor ``parameters()`` (checkpoints hold only trained weights, optimizers never see frozen
+ones), yet ``.to()`` / ``.cuda()`` / ``.half()`` move it with the rest.
+
+gin::
+
+    LanguageGuided.text_encoder = 'minilm'
+    LanguageGuided.losses = {'gsa': 0.001, 'mtp': 0.01, 'ras': 0.0001}
+    LanguageGuided.enabled = False   # the "base" tokenizer: no text encoder, no heads
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import gin
+import torch
+from torch import Tensor, nn
+
+from .code_text import CodeTextTransformer
+from .interfaces import GuidedOutput, TextEncoder
+
+#: Loss weights of the reference (CelebA-HQ, TextCaps; CUB uses 0.001 for all three).
+REFERENCE_LOSS_WEIGHTS: dict[str, float] = {"gsa": 0.001, "mtp": 0.01, "ras": 0.0001}
+
+#: keys of a tokenizer's ``config`` that may hold the training image size.
+_IMAGE_SIZE_KEYS = ("image_size", "resolution", "img_size")
+
+
+def _image_size_of(tokenizer: nn.Module, image_size: int | Sequence[int] | None) -> int | tuple[int, int]:
+    if image_size is not None:
+        return image_size if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    config = getattr(tokenizer, "config", None) or {}
+    for key in _IMAGE_SIZE_KEYS:
+        if config.get(key) is not None:
+            return _image_size_of(tokenizer, config[key])
+    raise ValueError(
+        "LanguageGuided needs the training image size to size the code-text transformer's "
+        f"positional embeddings, and the tokenizer's config has none of {_IMAGE_SIZE_KEYS}. "
+        "Set it, e.g. `LanguageGuided.image_size = 256` in gin or image_size=256 in code."
+    )
+
+
+@gin.configurable
+class LanguageGuided(nn.Module):
+    """A tokenizer with language guidance (LG-VQ) while its codebook is learnt.
+
+    Args:
+        tokenizer: the tokenizer to guide (a ``Tokenizer``), or a registered backbone name.
+        text_encoder: a registered text-encoder name or a ``TextEncoder`` object; frozen.
+        losses: alignment-loss name → weight (names from the ``alignment_loss`` registry, so
+            a plugin's loss works the same). A weight of 0 leaves the loss out. Default:
+            the reference weights ``{"gsa": 0.001, "mtp": 0.01, "ras": 0.0001}``.
+        enabled: ``False`` builds no text encoder and no heads and only runs the tokenizer
+            (the base model of a "+LG vs base" comparison).
+        cache_dir: where the text-feature cache persists features (None: in memory only).
+        image_size: training image size, to size the positional embeddings from
+            ``tokenizer.grid(image_size)``; default: the tokenizer config's ``image_size``.
+        width: code–text transformer width.
+        depth: code–text transformer blocks (reference: 2).
+        heads: code–text transformer attention heads.
+        mlp_ratio: MLP width multiple of the code–text transformer blocks.
+        dropout: dropout in the code–text transformer.
+
+    Loss modules read in ``setup(guide)``: :attr:`text_encoder`, :attr:`visual_width`,
+    :attr:`code_dim` (and :attr:`tokenizer`, :attr:`grid`).
+    """
+
+    def __init__(self, tokenizer: nn.Module | str, text_encoder: str | TextEncoder = "minilm",
+                 losses: Mapping[str, float] | None = None, enabled: bool = True,
+                 cache_dir: str | None = None, image_size: int | Sequence[int] | None = None,
+                 width: int = 256, depth: int = 2, heads: int = 8, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        import lgvq_plugins  # the package's registry API (imported late: it imports plugins)
+
+        if isinstance(tokenizer, str):
+            tokenizer = lgvq_plugins.create_backbone(tokenizer)
+        self.tokenizer = tokenizer
+        self.enabled = bool(enabled)
+        # Frozen, non-module state: a plain dict is never registered as a submodule.
+        self._frozen: dict[str, Any] = {}
+        self.weights: dict[str, float] = {}
+        self.code_text: CodeTextTransformer | None = None
+        self.alignment_losses = nn.ModuleDict()
+        if not self.enabled:
+            return
+
+        encoder = lgvq_plugins.create_text_encoder(text_encoder) if isinstance(text_encoder, str) \
+            else text_encoder
+        if isinstance(encoder, nn.Module):
+            encoder.requires_grad_(False)
+            encoder.eval()
+        from .text_cache import TextFeatureCache  # imported late: it is a sibling plugin's module
+
+        self._frozen["text_encoder"] = encoder
+        self._frozen["text_cache"] = TextFeatureCache(encoder, cache_dir=cache_dir)
+
+        self.grid: tuple[int, int] = tuple(tokenizer.grid(_image_size_of(tokenizer, image_size)))
+        self.code_text = CodeTextTransformer(self.code_dim, self.visual_width, self.grid, width=width,
+                                             depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                                             dropout=dropout)
+
+        weights = dict(REFERENCE_LOSS_WEIGHTS if losses is None else losses)
+        for name, weight in weights.items():
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"LanguageGuided.losses[{name!r}] = {weight!r}: a weight must be a "
+                                 "number >= 0 (0 leaves the loss out)")
+            if weight == 0:
+                continue
+            loss = lgvq_plugins.create_alignment_loss(name)
+            if not isinstance(loss, nn.Module):
+                raise TypeError(f"alignment loss {name!r} built a {type(loss).__name__}; alignment "
+                                "losses must be nn.Modules (so their parameters are trained and saved)")
+            loss.setup(self)
+            self.alignment_losses[name] = loss
+            self.weights[name] = float(weight)
+
+    # -- what the losses read -----------------------------------------------------------
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        """The frozen text encoder (None when guidance is off); not a submodule."""
+        return self._frozen.get("text_encoder")
+
+    @property
+    def text_cache(self) -> Callable[..., Any] | None:
+        """The text-feature cache: ``cache(captions, device) -> TextFeatures``; has ``.stats``."""
+        return self._frozen.get("text_cache")
+
+    @property
+    def visual_width(self) -> int:
+        """Dt, the width of the visual tokens (the text encoder's token width)."""
+        return int(self.text_encoder.width)
+
+    @property
+    def code_dim(self) -> int:
+        """D, the channel width of the tokenizer's ``z_q``."""
+        return int(self.tokenizer.embed_dim)
+
+    # -- parameters and devices ---------------------------------------------------------
+    def guidance_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters added by guidance (code–text transformer and the losses' heads); the
+        rest of ``parameters()`` is the tokenizer's."""
+        if self.code_text is not None:
+            yield from self.code_text.parameters()
+        yield from self.alignment_losses.parameters()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "LanguageGuided":
+        # The frozen encoder is outside the module tree; move/cast it along with the rest.
+        super()._apply(fn, recurse)
+        encoder = self._frozen.get("text_encoder")
+        if isinstance(encoder, nn.Module):
+            encoder._apply(fn)
+        return self
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, images: Tensor, captions: Sequence[str] | None = None,
+                batch: Mapping[str, Any] | None = None) -> GuidedOutput:
+        """Run the tokenizer and, when enabled, the alignment losses.
+
+        Args:
+            images: (B, 3, H, W) in [-1, 1].
+            captions: B caption strings; default ``batch["caption"]``. In eval mode they may
+                be absent (then no alignment loss is computed); in training they must be given.
+            batch: the whole batch, passed to every loss (a plugin's loss may read more keys).
+
+        Returns:
+            :class:`GuidedOutput` with the reconstruction and ``Quantized``; when enabled also
+            the text features, visual tokens, weighted ``losses`` and unweighted ``raw_losses``.
+        """
+        reconstruction, quantized = self.tokenizer(images)
+        if not self.enabled:
+            return GuidedOutput(reconstruction, quantized)
+        batch = {} if batch is None else batch
+        if captions is None:
+            captions = batch.get("caption")
+        visual_tokens = self.code_text(quantized.z_q)
+        if captions is None:
+            if self.training:
+                raise ValueError("LanguageGuided is enabled but got no captions (pass captions= or a "
+                                 "batch with 'caption'); to train without language guidance set "
+                                 "`LanguageGuided.enabled = False`")
+            return GuidedOutput(reconstruction, quantized, visual_tokens=visual_tokens)
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        if len(captions) != images.shape[0]:
+            raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
+        with torch.no_grad():
+            text = self.text_cache(captions, images.device)
+        guided = GuidedOutput(reconstruction, quantized, text=text, visual_tokens=visual_tokens)
+        for name, loss_fn in self.alignment_losses.items():
+            raw = loss_fn(guided, batch)
+            guided.raw_losses[name] = raw
+            guided.losses[name] = raw * self.weights[name]
+        return guided
+
+    def extra_repr(self) -> str:
+        if not self.enabled:
+            return "enabled=False"
+        encoder = getattr(self.text_encoder, "identity", type(self.text_encoder).__name__)
+        return f"text_encoder={encoder!r}, weights={self.weights}, grid={self.grid}"
+
+
+__all__ = ["LanguageGuided", "REFERENCE_LOSS_WEIGHTS"]
