@@ -1,0 +1,328 @@
+"""Run the frozen text encoder once per unique caption: an in-memory plus on-disk feature cache.
+
+The reference implementation re-encodes every caption at every step (twice, with two
+optimizers). The encoder is frozen and in eval mode, so a caption's features never change:
+:class:`TextFeatureCache` encodes each caption once, keeps one row per caption (fp32, CPU)
+and assembles batches from those rows.
+
+On disk (optional ``cache_dir``) rows are stored in safetensors shards under a folder named
+for the encoder's ``identity`` and ``max_length``; every shard also records both in its
+metadata and is ignored unless they match, so features of other weights or another caption
+length are never used. Shards are written atomically (temporary file + ``os.replace``) and
+never modified afterwards, so several processes (DDP ranks) may share a folder: each writes
+its own shards, and each sees the others' shards the next time a cache is constructed.
+
+The cache is a plain object, not an ``nn.Module``: it is never part of a ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import uuid
+import warnings
+import weakref
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .interfaces import TextEncoder, TextFeatures, TextTokens
+
+FORMAT = "lgvq-text-cache-1"
+_TENSORS = ("token_feats", "global_feat", "ids", "lengths", "special_mask")
+
+
+class _Row(NamedTuple):
+    """One caption's cached features (CPU; features fp32)."""
+
+    token_feats: torch.Tensor  # (L, Dt)
+    global_feat: torch.Tensor  # (Dg,)
+    ids: torch.Tensor  # (L,) int64
+    length: torch.Tensor  # () int64
+    special_mask: torch.Tensor  # (L,) bool
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was made. Hits and misses count the *unique* captions of
+    each request, so a caption repeated within a batch is looked up (and encoded) once."""
+
+    hits: int = 0  # served from memory or disk
+    disk_hits: int = 0  # of which read from a disk shard
+    misses: int = 0  # had to be encoded
+    encoder_calls: int = 0  # batched calls of encoder.encode
+    captions_encoded: int = 0  # captions passed to the encoder in total
+    shards_written: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class TextFeatureCache:
+    """Frozen text features per caption, computed once.
+
+    Args:
+        encoder: a frozen :class:`~lgvq_plugins.interfaces.TextEncoder`.
+        cache_dir: folder for the on-disk cache (created if needed); ``None`` keeps
+            features in memory only. Shards already there for this encoder are used.
+        flush_every: write pending rows to a new shard once this many have accumulated
+            (they are also written by :meth:`save`, on ``with`` exit and at interpreter exit).
+        max_memory_rows: keep at most this many rows in memory (least recently used are
+            dropped; with a disk cache they are read back from disk when needed, without it
+            they are encoded again). ``None``: no limit.
+
+    Example::
+
+        cache = TextFeatureCache(encoder, cache_dir="runs/text_cache")
+        cache.warm(all_captions, batch_size=256)   # optional: encode a data set up front
+        feats = cache(batch["caption"], device)     # TextFeatures on ``device``
+    """
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        flush_every: int = 4096,
+        max_memory_rows: int | None = None,
+    ) -> None:
+        if flush_every < 1:
+            raise ValueError(f"TextFeatureCache: flush_every={flush_every} must be at least 1")
+        if max_memory_rows is not None and max_memory_rows < 1:
+            raise ValueError(f"TextFeatureCache: max_memory_rows={max_memory_rows} must be at least 1 or None")
+        self.encoder = encoder
+        self.identity = str(encoder.identity)
+        self.max_length = int(encoder.max_length)
+        self.flush_every = int(flush_every)
+        self.max_memory_rows = max_memory_rows
+        self._stats = CacheStats()
+        self._memory: OrderedDict[str, _Row] = OrderedDict()
+        self._pending: list[str] = []  # keys computed here and not yet on disk
+        self._disk_index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
+        self._shards: list[Any] = []  # open safe_open handles (memory-mapped)
+        self.directory: Path | None = None
+        if cache_dir is not None:
+            namespace = hashlib.sha256(f"{self.identity}\n{self.max_length}".encode()).hexdigest()[:16]
+            self.directory = Path(cache_dir) / namespace
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._load_shards()
+            # Flush what is pending when the interpreter exits; the weak reference lets an
+            # unused cache be garbage-collected as usual.
+            atexit.register(_save_if_alive, weakref.ref(self))
+
+    # -- keys -------------------------------------------------------------------------
+    def key(self, caption: str) -> str:
+        """sha256 of (encoder identity, max_length, caption) as hex."""
+        text = f"{self.identity}\n{self.max_length}\n{caption}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def __contains__(self, caption: object) -> bool:
+        if not isinstance(caption, str):
+            return False
+        key = self.key(caption)
+        return key in self._memory or key in self._disk_index
+
+    def __len__(self) -> int:
+        """Number of distinct captions available (memory and disk)."""
+        return len(self._disk_index.keys() | self._memory.keys())
+
+    @property
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters."""
+        return CacheStats(**asdict(self._stats))
+
+    # -- main API ---------------------------------------------------------------------
+    def cache(self, captions: list[str], device: torch.device | str | None = None) -> TextFeatures:
+        """Features of ``captions`` (in order, duplicates allowed) on ``device``.
+
+        Cached captions are served from memory or disk; the others are encoded in *one*
+        batched encoder call (each distinct caption once). Features are the encoder's
+        unmasked output in fp32.
+        """
+        captions = [str(c) for c in captions]
+        if not captions:
+            raise ValueError("TextFeatureCache.cache: got an empty list of captions")
+        keys = [self.key(c) for c in captions]
+        unique = dict(zip(keys, captions))  # first occurrence wins; order kept
+        rows: dict[str, _Row] = {}
+        missing: dict[str, str] = {}
+        for key, caption in unique.items():
+            row = self._lookup(key)
+            if row is None:
+                missing[key] = caption
+            else:
+                rows[key] = row
+        self._stats.hits += len(rows)
+        self._stats.misses += len(missing)
+        if missing:
+            rows.update(self._encode(list(missing.keys()), list(missing.values())))
+        features = _assemble([rows[k] for k in keys])
+        self._trim_memory()
+        return features.to(device) if device is not None else features
+
+    __call__ = cache
+
+    def warm(self, captions: Iterable[str], batch_size: int = 256, progress: bool = False) -> int:
+        """Encode every caption not cached yet, ``batch_size`` at a time; then :meth:`save`.
+
+        Returns the number of captions encoded. Use it before training to pre-encode a
+        data set (e.g. on every rank, or on one rank followed by a barrier).
+        """
+        if batch_size < 1:
+            raise ValueError(f"TextFeatureCache.warm: batch_size={batch_size} must be at least 1")
+        todo: dict[str, str] = {}
+        for caption in captions:
+            caption = str(caption)
+            key = self.key(caption)
+            if key not in self._memory and key not in self._disk_index:
+                todo.setdefault(key, caption)
+        items = list(todo.items())
+        starts = range(0, len(items), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encoding captions", unit="batch")
+        for start in starts:
+            chunk = items[start:start + batch_size]
+            self._stats.misses += len(chunk)
+            self._encode([k for k, _ in chunk], [c for _, c in chunk])
+            self._trim_memory()
+        self.save()
+        return len(items)
+
+    def save(self) -> Path | None:
+        """Write the rows computed since the last save to a new shard (atomically).
+
+        Returns the shard's path, or None when there was nothing to write or no ``cache_dir``.
+        """
+        if self.directory is None or not self._pending:
+            return None
+        keys = [k for k in self._pending if k in self._memory]
+        rows = [self._memory[k] for k in keys]
+        tensors = {
+            "keys": torch.frombuffer(bytearray(b"".join(bytes.fromhex(k) for k in keys)),
+                                     dtype=torch.uint8).reshape(len(keys), 32),
+            "token_feats": torch.stack([r.token_feats for r in rows]),
+            "global_feat": torch.stack([r.global_feat for r in rows]),
+            "ids": torch.stack([r.ids for r in rows]),
+            "lengths": torch.stack([r.length for r in rows]),
+            "special_mask": torch.stack([r.special_mask for r in rows]),
+        }
+        metadata = {"format": FORMAT, "identity": self.identity, "max_length": str(self.max_length),
+                    "rows": str(len(keys))}
+        path = self.directory / f"features-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")  # not *.safetensors: never read half-written
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self._pending.clear()
+        self._open_shard(path)
+        self._stats.shards_written += 1
+        return path
+
+    def __enter__(self) -> "TextFeatureCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.save()
+
+    def __repr__(self) -> str:
+        where = str(self.directory) if self.directory is not None else "memory only"
+        return (f"TextFeatureCache(identity={self.identity!r}, max_length={self.max_length}, "
+                f"captions={len(self)}, {where})")
+
+    # -- internals --------------------------------------------------------------------
+    def _lookup(self, key: str) -> _Row | None:
+        row = self._memory.get(key)
+        if row is not None:
+            self._memory.move_to_end(key)
+            return row
+        where = self._disk_index.get(key)
+        if where is None:
+            return None
+        shard, index = where
+        handle = self._shards[shard]
+        row = _Row(*(handle.get_slice(name)[index:index + 1][0] for name in _TENSORS))
+        self._memory[key] = row
+        self._stats.disk_hits += 1
+        return row
+
+    def _encode(self, keys: list[str], captions: list[str]) -> dict[str, _Row]:
+        tokens = self.encoder.tokenize(captions)
+        features = self.encoder.encode(tokens)
+        self._stats.encoder_calls += 1
+        self._stats.captions_encoded += len(captions)
+        token_feats = features.token_feats.detach().float().cpu()
+        global_feat = features.global_feat.detach().float().cpu()
+        t = features.tokens.to("cpu")
+        new: dict[str, _Row] = {}
+        for i, key in enumerate(keys):
+            # clone: a row must not keep the whole batch's storage alive once others are evicted
+            row = _Row(token_feats[i].clone(), global_feat[i].clone(), t.ids[i].long().clone(),
+                       t.lengths[i].long().clone(), t.special_mask[i].bool().clone())
+            new[key] = row
+            self._memory[key] = row
+            if self.directory is not None:
+                self._pending.append(key)
+        if self.directory is not None and len(self._pending) >= self.flush_every:
+            self.save()
+        return new
+
+    def _trim_memory(self) -> None:
+        if self.max_memory_rows is None or len(self._memory) <= self.max_memory_rows:
+            return
+        if self._pending:
+            self.save()  # never drop rows that exist nowhere else
+        while len(self._memory) > self.max_memory_rows:
+            self._memory.popitem(last=False)
+
+    def _load_shards(self) -> None:
+        assert self.directory is not None
+        for path in sorted(self.directory.glob("*.safetensors")):
+            try:
+                self._open_shard(path)
+            except Exception as exc:  # noqa: BLE001 - a damaged shard only costs re-encoding
+                warnings.warn(f"TextFeatureCache: skipping unreadable shard {path} ({exc})", stacklevel=3)
+
+    def _open_shard(self, path: Path) -> None:
+        handle = safe_open(str(path), framework="pt")
+        meta = handle.metadata() or {}
+        if (meta.get("format") != FORMAT or meta.get("identity") != self.identity
+                or meta.get("max_length") != str(self.max_length)):
+            return  # another encoder's (or length's) features: never used
+        keys = handle.get_tensor("keys")
+        shard = len(self._shards)
+        self._shards.append(handle)
+        for row, digest in enumerate(keys.numpy()):
+            self._disk_index.setdefault(digest.tobytes().hex(), (shard, row))
+
+
+def _assemble(rows: list[_Row]) -> TextFeatures:
+    tokens = TextTokens(
+        ids=torch.stack([r.ids for r in rows]),
+        lengths=torch.stack([r.length for r in rows]),
+        special_mask=torch.stack([r.special_mask for r in rows]),
+    )
+    return TextFeatures(
+        token_feats=torch.stack([r.token_feats for r in rows]),
+        global_feat=torch.stack([r.global_feat for r in rows]),
+        tokens=tokens,
+    )
+
+
+def _save_if_alive(ref: "weakref.ReferenceType[TextFeatureCache]") -> None:
+    cache = ref()
+    if cache is not None:
+        try:
+            cache.save()
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say what was lost
+            warnings.warn(f"TextFeatureCache: could not save pending features at exit ({exc})", stacklevel=1)
