@@ -1,0 +1,137 @@
+"""Chunked nearest-code search shared by the built-in quantizers.
+
+The squared distance ``‖x‖² − 2 x·e + ‖e‖²`` is computed tile by tile with one fused
+``addmm`` per tile, so at most ``chunk_size`` entries of the N×K distance matrix exist at a
+time (K = 65,536 codes × N = 16,384 vectors would be 4 GiB in fp32 if materialised).
+
+Besides the nearest code of every vector (a running argmin over code tiles), the same pass
+can reduce over *vectors* for every code, which CVQ needs to pick re-anchoring features:
+
+* ``per_code="closest"``: for each code, the vector nearest to it;
+* ``per_code="sample"``: for each code, one vector drawn with probability
+  ``softmax_n(-logit_scale · ‖x_n − e_k‖²)``, by the Gumbel-max trick (``argmax_n`` of the
+  logits plus independent Gumbel noise), which needs no normalisation over all N and so
+  works tile by tile. The per-code maxima of several processes can be compared to draw
+  from the union of their vectors (see :mod:`lgvq_plugins.backbones.cvq`).
+
+Everything here runs without autograd; callers gather the chosen codes themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+#: default number of distance entries held at once (4 Mi entries = 16 MiB in fp32).
+DEFAULT_CHUNK_SIZE = 2**22
+
+PerCode = Literal["closest", "sample"]
+
+
+class SearchResult(NamedTuple):
+    """What :func:`nearest_codes` returns.
+
+    Attributes:
+        indices: (N,) int64 index of the nearest code of every vector (first on ties).
+        distances: (N,) fp32 squared distance to that code.
+        code_score: (K,) per-code best score over the vectors (``-distance`` for
+            ``closest``; ``-logit_scale·distance + Gumbel`` for ``sample``), or None.
+        code_arg: (K,) int64 index of the vector achieving ``code_score``, or None.
+    """
+
+    indices: Tensor
+    distances: Tensor
+    code_score: Tensor | None = None
+    code_arg: Tensor | None = None
+
+
+def tile_shape(num_vectors: int, num_codes: int, chunk_size: int) -> tuple[int, int]:
+    """(rows, codes) of one distance tile holding at most ``chunk_size`` entries.
+
+    All codes fit in one tile whenever ``chunk_size >= K``; then the rows fill the budget, so
+    the common case is a plain row-blocked search with no merging across code tiles.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of distance entries, got {chunk_size}")
+    codes = min(num_codes, chunk_size)
+    rows = max(1, min(num_vectors, chunk_size // codes))
+    return rows, codes
+
+
+@torch.no_grad()
+def nearest_codes(
+    x: Tensor,
+    codes: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    per_code: PerCode | None = None,
+    logit_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> SearchResult:
+    """Nearest code (squared L2) of every row of ``x``, computed in bounded memory.
+
+    Args:
+        x: (N, C) vectors; converted to fp32.
+        codes: (K, C) codebook; converted to fp32.
+        chunk_size: the most distance entries computed at once (one tile).
+        per_code: also reduce over vectors for every code (see the module docstring).
+        logit_scale: temperature of ``per_code="sample"``: logits are
+            ``-logit_scale · distance``.
+        generator: random source of the Gumbel noise for ``per_code="sample"``.
+    """
+    if x.dim() != 2 or codes.dim() != 2 or x.shape[1] != codes.shape[1]:
+        raise ValueError(f"nearest_codes expects x (N, C) and codes (K, C); got {tuple(x.shape)} "
+                         f"and {tuple(codes.shape)}")
+    x = x.float().contiguous()
+    codes = codes.float().contiguous()
+    n_vec, n_codes = x.shape[0], codes.shape[0]
+    device = x.device
+    rows, cols = tile_shape(n_vec, n_codes, chunk_size)
+
+    codes_sq = codes.pow(2).sum(1)  # (K,)
+    x_sq = x.pow(2).sum(1)  # (N,)
+    indices = torch.empty(n_vec, dtype=torch.long, device=device)
+    best = torch.empty(n_vec, dtype=torch.float32, device=device)
+    if per_code is not None:
+        code_score = torch.full((n_codes,), float("-inf"), device=device)
+        code_arg = torch.zeros(n_codes, dtype=torch.long, device=device)
+    # One flat buffer reused by every tile: a contiguous view of its head is a valid `out=`,
+    # which spares a large allocation (and its page faults) per tile.
+    buffer = torch.empty(rows * cols, dtype=torch.float32, device=device)
+
+    for n0 in range(0, n_vec, rows):
+        n1 = min(n0 + rows, n_vec)
+        xb = x[n0:n1]
+        for k0 in range(0, n_codes, cols):
+            k1 = min(k0 + cols, n_codes)
+            tile = buffer[: (n1 - n0) * (k1 - k0)].view(n1 - n0, k1 - k0)
+            # ‖e‖² − 2 x·e: ‖x‖² is constant along a row, so the row argmin does not need it.
+            torch.addmm(codes_sq[k0:k1], xb, codes[k0:k1].T, beta=1.0, alpha=-2.0, out=tile)
+            vals, args = tile.min(dim=1)
+            if k0 == 0:
+                best[n0:n1], indices[n0:n1] = vals, args
+            else:  # strict < keeps the earlier tile on ties, as one global argmin would
+                better = vals < best[n0:n1]
+                best[n0:n1] = torch.where(better, vals, best[n0:n1])
+                indices[n0:n1] = torch.where(better, args + k0, indices[n0:n1])
+            if per_code is not None:
+                tile.add_(x_sq[n0:n1, None])  # now the full squared distance
+                if per_code == "closest":
+                    tile.neg_()
+                elif per_code == "sample":
+                    tile.mul_(-logit_scale)
+                    noise = torch.empty_like(tile).exponential_(generator=generator)
+                    tile.sub_(noise.log_())  # −log Exp(1) is Gumbel(0, 1)
+                else:
+                    raise ValueError(f"per_code must be 'closest', 'sample' or None, got {per_code!r}")
+                cvals, cargs = tile.max(dim=0)
+                better = cvals > code_score[k0:k1]
+                code_score[k0:k1] = torch.where(better, cvals, code_score[k0:k1])
+                code_arg[k0:k1] = torch.where(better, cargs + n0, code_arg[k0:k1])
+
+    distances = (best + x_sq).clamp_min_(0.0)
+    if per_code is None:
+        return SearchResult(indices, distances)
+    return SearchResult(indices, distances, code_score, code_arg)
