@@ -1,0 +1,206 @@
+"""What the built-in tokenizers share: encoder → 1×1 conv → quantizer → 1×1 conv → decoder,
+the quantizer factory, the ``Tokenizer`` contract methods and the saved ``config``.
+
+Subclasses add their objectives (:meth:`VQTokenizer.generator_loss`, and a discriminator
+where they have one) and pass their constructor arguments to :meth:`_finish_config`, so
+``create_backbone(name, **model.config)`` rebuilds the same architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any, Callable, Mapping, Sequence
+
+import gin
+import torch
+from torch import Tensor, nn
+
+import lgvq_plugins
+from lgvq_plugins.interfaces import LossOutput, Quantized
+
+from .layers import Decoder, Encoder, downsample_factor, latent_grid
+
+QuantizerSpec = str | Callable[..., nn.Module]
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _to_json(value: Any) -> Any:
+    """Tuples become lists (JSON has no tuple); everything else must already be JSON."""
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _factory_name(factory: Callable[..., Any]) -> str:
+    """Registry name of a registered factory, else its import path ``module:qualname``."""
+    reg = lgvq_plugins.registry("quantizer")
+    for name in reg.names():
+        entry = reg.entry(name)
+        if factory is entry.factory or factory is entry.original:
+            return name
+    module, qualname = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        raise ValueError(
+            f"quantizer factory {factory!r} is neither registered nor importable by name, so the "
+            "tokenizer's config could not rebuild it; register it with "
+            "@lgvq_plugins.register_quantizer('name') and pass the name instead")
+    return f"{module}:{qualname}"
+
+
+def _import_factory(path: str) -> Callable[..., Any]:
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_quantizer(quantizer: QuantizerSpec, quantizer_config: Mapping[str, Any] | None,
+                    dim: int) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Build the quantizer as ``factory(**{**quantizer_config, "dim": dim})``.
+
+    ``quantizer`` is a registry name, an import path ``"module:factory"`` or a callable.
+    Returns the module, the name that rebuilds it, and its settings (its own ``config`` when
+    it has one; otherwise the gin bindings in force for it overlaid with
+    ``quantizer_config``), without ``dim``.
+    """
+    settings = dict(quantizer_config or {})
+    if "dim" in settings and settings["dim"] != dim:
+        raise ValueError(f"quantizer_config sets dim={settings['dim']} but the tokenizer's embed_dim is "
+                         f"{dim}; the quantizer width always follows embed_dim, drop 'dim'")
+    settings.pop("dim", None)
+    if isinstance(quantizer, str) and ":" not in quantizer:
+        module = lgvq_plugins.create_quantizer(quantizer, **settings, dim=dim)
+        name = quantizer
+        gin_name = f"lgvq.quantizer.{quantizer}"
+    else:
+        factory = _import_factory(quantizer) if isinstance(quantizer, str) else quantizer
+        if not callable(factory):
+            raise TypeError(f"quantizer must be a registry name or a callable, got {quantizer!r}")
+        name = quantizer if isinstance(quantizer, str) else _factory_name(factory)
+        module = (lgvq_plugins.create_quantizer(name, **settings, dim=dim) if ":" not in name
+                  else factory(**settings, dim=dim))
+        gin_name = f"lgvq.quantizer.{name}" if ":" not in name else None
+    if getattr(module, "dim", dim) != dim:
+        raise ValueError(f"quantizer {name!r} was built with dim={module.dim}, expected embed_dim={dim}")
+
+    own = getattr(module, "config", None)
+    if isinstance(own, Mapping):
+        resolved = {k: v for k, v in own.items() if k != "dim"}
+    else:
+        resolved = {}
+        if gin_name is not None:
+            try:  # bindings gin injected; explicit settings take precedence, as at build time
+                resolved = {k: v for k, v in gin.get_bindings(gin_name).items() if _json_safe(v)}
+            except (ValueError, KeyError):
+                resolved = {}
+        resolved.update(settings)
+        resolved.pop("dim", None)
+    return module, name, _to_json(resolved)
+
+
+class VQTokenizer(nn.Module):
+    """Base of the built-in tokenizers (``Tokenizer`` contract).
+
+    ``x`` in [-1, 1] (B, 3, H, W) with H, W multiples of ``2**(len(ch_mult)-1)``.
+    """
+
+    def __init__(self, *, quantizer: QuantizerSpec, quantizer_config: Mapping[str, Any] | None,
+                 embed_dim: int, z_channels: int, ch: int, ch_mult: Sequence[int],
+                 num_res_blocks: int, resolution: int, attn_resolutions: Sequence[int],
+                 mid_attn: bool, dropout: float):
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self.ch_mult = tuple(int(m) for m in ch_mult)
+        arch = dict(ch=ch, ch_mult=self.ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                    resolution=resolution, attn_resolutions=tuple(attn_resolutions), mid_attn=mid_attn,
+                    dropout=dropout)
+        self.encoder = Encoder(**arch)
+        self.decoder = Decoder(**arch)
+        # 1×1 convs decouple the conv width from the code width (taming's quant_conv).
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.quantizer, self._quantizer_name, self._quantizer_config = build_quantizer(
+            quantizer, quantizer_config, self.embed_dim)
+        self.config: dict[str, Any] = {}
+
+    def _finish_config(self, args: Mapping[str, Any]) -> None:
+        """Store the constructor arguments (after gin) as JSON, with the quantizer by name."""
+        config = {k: v for k, v in args.items() if k not in {"self", "__class__"}}
+        config["quantizer"] = self._quantizer_name
+        config["quantizer_config"] = self._quantizer_config
+        config = _to_json(config)
+        bad = [k for k, v in config.items() if not _json_safe(v)]
+        if bad:
+            raise TypeError(f"{type(self).__name__} arguments {bad} are not JSON-serialisable; the "
+                            "saved config could not rebuild the model. Pass plain numbers, strings, "
+                            "lists and dicts.")
+        self.config = config
+
+    # -- Tokenizer contract -----------------------------------------------------------
+    @property
+    def downsample_factor(self) -> int:
+        return downsample_factor(self.ch_mult)
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Latent grid (h, w) for an input of ``image_size`` (side or (H, W))."""
+        return latent_grid(image_size, self.ch_mult)
+
+    def encode(self, x: Tensor) -> Quantized:
+        """(B, 3, H, W) → :class:`Quantized` with ``z_q`` (B, embed_dim, H/f, W/f)."""
+        f = self.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the downsampling "
+                             f"factor {f} (ch_mult={self.ch_mult}); resize or crop the images")
+        # The quantizer runs itself in fp32 under autocast; its output is passed on untouched.
+        return self.quantizer(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        """(B, embed_dim, h, w) → (B, 3, h·f, w·f)."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """(B, h, w) code indices → images; equals ``decode(quantizer.embed(indices))``."""
+        return self.decode(self.quantizer.embed(indices))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Quantized]:
+        quantized = self.encode(x)
+        return self.decode(quantized.z_q), quantized
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's final conv weight (where the VQ-GAN adaptive weight is measured)."""
+        return self.decoder.conv_out.weight
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def discriminator_loss(self, x: Tensor, reconstruction: Tensor, step: int) -> LossOutput | None:
+        return None
+
+    def generator_loss(self, x: Tensor, reconstruction: Tensor, quantized: Quantized,
+                       step: int) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- helpers for subclasses -------------------------------------------------------
+    @staticmethod
+    def _quantizer_logs(quantized: Quantized) -> dict[str, Tensor]:
+        return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in quantized.stats.items()}
+
+
+def zero_like_loss(ref: Tensor) -> Tensor:
+    """A 0-d fp32 zero on ``ref``'s device (for terms that are switched off)."""
+    return torch.zeros((), device=ref.device, dtype=torch.float32)
+
+
+__all__ = ["VQTokenizer", "build_quantizer", "zero_like_loss"]
