@@ -1,0 +1,373 @@
+"""The alignment losses gsa / mtp / ras against hand-computed tiny cases, and the masking rule."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fakes import FakeTextEncoder
+from lgvq_plugins.interfaces import GuidedOutput, Quantized, TextFeatures, TextTokens
+from lgvq_plugins.losses import (GlobalSemanticAlignment, MaskedTextPrediction, RelationshipAlignment,
+                                 info_nce, relationship_alignment)
+from lgvq_plugins.masking import MaskingRule, eligible_tokens, mask_k_per_caption, sample_mlm_mask
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def _guided(text: TextFeatures, visual: torch.Tensor, z_q: torch.Tensor | None = None) -> GuidedOutput:
+    b = visual.shape[0]
+    z_q = torch.zeros(b, 4, 1, visual.shape[1] - 1) if z_q is None else z_q
+    quantized = Quantized(z_q, torch.zeros(b, 1, z_q.shape[-1], dtype=torch.long), torch.zeros(()))
+    return GuidedOutput(torch.zeros(b, 3, 4, 4), quantized, text=text, visual_tokens=visual)
+
+
+def _guide(encoder, visual_width: int | None = None, code_dim: int = 4):
+    return types.SimpleNamespace(text_encoder=encoder, visual_width=visual_width or encoder.width,
+                                 code_dim=code_dim)
+
+
+def _tokens(ids: list[list[int]], lengths: list[int], special: list[list[bool]]) -> TextTokens:
+    return TextTokens(torch.tensor(ids), torch.tensor(lengths), torch.tensor(special))
+
+
+# ---------------------------------------------------------------------------------------
+# L_gsa
+# ---------------------------------------------------------------------------------------
+
+GSA_V = [[1.0, 0.0], [0.0, 2.0]]
+GSA_G = [[1.0, 1.0], [0.0, -1.0]]
+
+
+def _gsa_by_hand(temperature: float, symmetric: bool) -> float:
+    s = [[_cos(v, g) / temperature for g in GSA_G] for v in GSA_V]
+    i2t = [-(s[i][i] - math.log(sum(math.exp(x) for x in s[i]))) for i in range(2)]
+    loss = sum(i2t) / 2
+    if symmetric:
+        t2i = [-(s[j][j] - math.log(sum(math.exp(s[i][j]) for i in range(2)))) for j in range(2)]
+        loss = 0.5 * (loss + sum(t2i) / 2)
+    return loss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gsa_hand_computed(temperature, symmetric):
+    loss = info_nce(torch.tensor(GSA_V), torch.tensor(GSA_G), temperature=temperature, symmetric=symmetric)
+    assert loss.item() == pytest.approx(_gsa_by_hand(temperature, symmetric), rel=1e-6)
+
+
+def test_gsa_equals_cross_entropy_on_cosine_matrix_and_detaches_text():
+    torch.manual_seed(0)
+    v = torch.randn(5, 7, requires_grad=True)
+    g = torch.randn(5, 7, requires_grad=True)
+    loss = info_nce(v, g, temperature=0.1)
+    cos = F.cosine_similarity(v[:, None], g[None], dim=-1)
+    assert loss.item() == pytest.approx(F.cross_entropy(cos / 0.1, torch.arange(5)).item(), rel=1e-5)
+    loss.backward()
+    assert g.grad is None and v.grad is not None and v.grad.abs().sum() > 0
+
+
+def test_gsa_module_projects_when_widths_differ():
+    encoder = FakeTextEncoder(width=32, global_width=24)
+    gsa = GlobalSemanticAlignment(temperature=1.0)
+    gsa.setup(_guide(encoder))
+    assert isinstance(gsa.proj, nn.Linear) and (gsa.proj.in_features, gsa.proj.out_features) == (32, 24)
+    same = GlobalSemanticAlignment()
+    same.setup(_guide(FakeTextEncoder(width=24, global_width=24)))
+    assert isinstance(same.proj, nn.Identity)
+
+    text = encoder.encode(encoder.tokenize(["a b", "c d e"]))
+    visual = torch.randn(2, 5, 32)
+    expected = info_nce(gsa.proj(visual[:, 0]), text.global_feat)
+    assert gsa(_guided(text, visual), {}).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="temperature"):
+        GlobalSemanticAlignment(temperature=0)
+
+
+def test_loss_before_setup_says_so():
+    with pytest.raises(RuntimeError, match="setup"):
+        GlobalSemanticAlignment()(_guided(None, torch.zeros(1, 2, 4)), {})
+
+
+# ---------------------------------------------------------------------------------------
+# Masking rule
+# ---------------------------------------------------------------------------------------
+
+# two captions: [CLS] w w w [SEP] pad pad / [CLS] w [SEP] pad pad pad pad. The padding ids
+# are 0 *and* a real word id (7) to show padding is found by length, not by id.
+MASK_TOKENS = _tokens([[1, 5, 6, 7, 2, 0, 7], [1, 9, 2, 7, 7, 0, 0]], [5, 3],
+                      [[True, False, False, False, True, False, False],
+                       [True, False, True, False, False, False, False]])
+
+
+def test_eligible_excludes_special_and_padding():
+    expected = torch.tensor([[False, True, True, True, False, False, False],
+                             [False, True, False, False, False, False, False]])
+    assert torch.equal(eligible_tokens(MASK_TOKENS), expected)
+
+
+def test_masks_never_touch_special_or_padding():
+    eligible = eligible_tokens(MASK_TOKENS)
+    everything = MaskingRule(mean=1.0, std=0.0, low=1.0, high=1.0)
+    mask, ratio = sample_mlm_mask(MASK_TOKENS, everything)
+    assert ratio == 1.0 and torch.equal(mask, eligible)  # ratio 1 masks exactly the eligible ones
+    torch.manual_seed(0)
+    for _ in range(200):
+        mask, _ = sample_mlm_mask(MASK_TOKENS)
+        assert not (mask & ~eligible).any()
+
+
+def test_reference_ratio_rule():
+    torch.manual_seed(0)
+    ratios = [MaskingRule().sample_ratio() for _ in range(500)]
+    assert all(0.1 <= r <= 0.3 for r in ratios)
+    # N(0.5, 0.1) clipped to [0.1, 0.3]: 0.3 unless the draw falls below it (P ≈ 2.3%)
+    assert 0.9 < sum(r == 0.3 for r in ratios) / 500 < 1.0
+    unclipped = torch.tensor([MaskingRule(low=0.0, high=1.0).sample_ratio() for _ in range(2000)])
+    assert unclipped.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert unclipped.std().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_each_eligible_token_masked_with_the_ratio():
+    b, length = 200, 40
+    tokens = TextTokens(torch.full((b, length), 5), torch.full((b,), length), torch.zeros(b, length, dtype=torch.bool))
+    torch.manual_seed(1)
+    mask, ratio = sample_mlm_mask(tokens, MaskingRule(mean=0.2, std=0.0, low=0.0, high=1.0))
+    assert ratio == pytest.approx(0.2)
+    assert mask.float().mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+def test_at_least_one_token_is_masked():
+    never = MaskingRule(mean=0.0, std=0.0, low=0.0, high=0.0)
+    torch.manual_seed(0)
+    for _ in range(20):
+        mask, _ = sample_mlm_mask(MASK_TOKENS, never)
+        assert mask.sum() == 1 and (mask & eligible_tokens(MASK_TOKENS)).sum() == 1
+    nothing_eligible = _tokens([[1, 2, 0]], [2], [[True, True, False]])
+    assert not sample_mlm_mask(nothing_eligible, never)[0].any()
+
+
+def test_masks_are_reproducible():
+    torch.manual_seed(3)
+    first = [sample_mlm_mask(MASK_TOKENS)[0] for _ in range(5)]
+    torch.manual_seed(3)
+    second = [sample_mlm_mask(MASK_TOKENS)[0] for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    gen_a, gen_b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert all(torch.equal(sample_mlm_mask(MASK_TOKENS, generator=gen_a)[0],
+                           sample_mlm_mask(MASK_TOKENS, generator=gen_b)[0]) for _ in range(5))
+
+
+def test_mask_k_per_caption():
+    torch.manual_seed(0)
+    mask = mask_k_per_caption(MASK_TOKENS, 2)
+    assert mask.sum(1).tolist() == [2, 1]  # the second caption has one eligible word
+    assert not (mask & ~eligible_tokens(MASK_TOKENS)).any()
+    with pytest.raises(ValueError):
+        mask_k_per_caption(MASK_TOKENS, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# L_mtp
+# ---------------------------------------------------------------------------------------
+
+
+def _mtp_case(seed: int = 4):
+    torch.manual_seed(0)
+    encoder = FakeTextEncoder(vocab_size=20, max_length=7, width=16, global_width=16, embed_width=8)
+    mtp = MaskedTextPrediction(heads=4, seed=seed, mask_ratio_low=0.5, mask_ratio_high=0.5)
+    mtp.setup(_guide(encoder))
+    text = TextFeatures(torch.randn(2, 7, 16), torch.randn(2, 16), MASK_TOKENS)
+    visual = torch.randn(2, 5, 16)
+    return encoder, mtp, text, visual
+
+
+def test_mtp_hand_computed_label_smoothed_mean_over_masked():
+    encoder, mtp, text, visual = _mtp_case()
+    guided = _guided(text, visual)
+    loss = mtp(guided, {})
+    out = guided.extras["mtp"]
+    expected_mask, _ = sample_mlm_mask(MASK_TOKENS, mtp.rule, torch.Generator().manual_seed(4))
+    assert torch.equal(out["mask"], expected_mask)
+    assert out["targets"].tolist() == MASK_TOKENS.ids[expected_mask].tolist()
+    eps, v = 0.1, encoder.vocab_size
+    terms = []
+    for row, target in zip(out["logits"].tolist(), out["targets"].tolist()):
+        log_z = math.log(sum(math.exp(x) for x in row))
+        log_p = [x - log_z for x in row]
+        terms.append(-(1 - eps) * log_p[target] - eps / v * sum(log_p))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_mtp_logits_tied_to_frozen_embeddings():
+    encoder, mtp, text, visual = _mtp_case()
+    mask, _ = sample_mlm_mask(MASK_TOKENS, mtp.rule, torch.Generator().manual_seed(4))
+    states = mtp.decoder(text.token_feats, mask, MASK_TOKENS.padding_mask, visual)[mask]
+    head = mtp.head
+    h = F.layer_norm(F.gelu(states @ head.dense.weight.T + head.dense.bias), (8,),
+                     head.norm.weight, head.norm.bias, eps=head.norm.eps)
+    expected = h @ encoder.vocab_embeddings.T + head.bias
+    assert torch.allclose(mtp.predict(visual, text, mask), expected, atol=1e-5)
+    assert head.norm.eps >= 1e-5
+    assert all(p is not encoder.vocab_embeddings for p in mtp.parameters())
+
+
+def test_mtp_ignores_unmasked_and_padded_positions():
+    _, mtp, text, visual = _mtp_case()
+    base = mtp(_guided(text, visual), {}).item()
+    mask = sample_mlm_mask(MASK_TOKENS, mtp.rule, torch.Generator().manual_seed(4))[0]
+
+    def run(ids: torch.Tensor | None = None, perturb: torch.Tensor | None = None) -> float:
+        mtp.generator.manual_seed(4)
+        tokens = TextTokens(ids if ids is not None else MASK_TOKENS.ids, MASK_TOKENS.lengths, MASK_TOKENS.special_mask)
+        handle = None
+        if perturb is not None:  # add noise to the decoder's output at the given positions
+            handle = mtp.decoder.register_forward_hook(
+                lambda m, i, out: out + 100.0 * torch.randn_like(out) * perturb[..., None])
+        try:
+            return mtp(_guided(TextFeatures(text.token_feats, text.global_feat, tokens), visual), {}).item()
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    # other ids (targets) at unmasked and padded positions: same loss
+    assert run(ids=torch.where(mask, MASK_TOKENS.ids, torch.randint(3, 20, mask.shape))) == pytest.approx(base)
+    # decoder outputs (hence logits) changed at unmasked / padded positions: same loss
+    assert run(perturb=(~mask).float()) == pytest.approx(base)
+    # ... but a change at a masked position does change it
+    assert run(perturb=mask.float()) != pytest.approx(base)
+    assert run(ids=torch.where(mask, (MASK_TOKENS.ids + 1) % 20, MASK_TOKENS.ids)) != pytest.approx(base)
+
+
+def test_mtp_decoder_uses_the_visual_tokens():
+    _, mtp, text, visual = _mtp_case()
+    mask = sample_mlm_mask(MASK_TOKENS, mtp.rule, torch.Generator().manual_seed(4))[0]
+    a = mtp.predict(visual, text, mask)
+    b = mtp.predict(visual + 1.0, text, mask)
+    assert not torch.allclose(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# L_ras
+# ---------------------------------------------------------------------------------------
+
+# Three words, two visual positions. cos(t, v) picks n* = [0, 1, 1] (checked below):
+#   t0=(1,0): cos 0.995 vs 0.447;  t1=(0,1): 0.0995 vs 0.894;  t2=(1,1): 0.774 vs 0.949.
+RAS_T = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+RAS_V = [[2.0, 0.2], [0.5, 1.0]]
+RAS_Z = [[3.0, 0.0], [0.0, 0.5]]  # codes at the two positions (D=2), projection = identity
+
+
+def _ras_inputs(t=RAS_T, v=RAS_V, z=RAS_Z):
+    token_feats = torch.tensor([t])  # (1, L, 2)
+    visual = torch.tensor([v])  # (1, N, 2)
+    z_q = torch.tensor(z).T.reshape(1, 2, 1, len(z)).clone().requires_grad_(True)  # (1, D, 1, N)
+    return token_feats, visual, z_q
+
+
+def _ras_by_hand(t, codes, pairs) -> float:
+    """mean over ``pairs`` of (cos(c_l, c_m) − cos(t_l, t_m))²."""
+    errs = [(_cos(codes[l], codes[m]) - _cos(t[l], t[m])) ** 2 for l, m in pairs]
+    return sum(errs) / len(errs)
+
+
+def test_ras_hand_computed():
+    t, v, z = _ras_inputs()
+    real = torch.ones(1, 3, dtype=torch.bool)
+    loss, n_star = relationship_alignment(t, v, z, nn.Identity(), real)
+    assert n_star.tolist() == [[0, 1, 1]]
+    codes = [RAS_Z[0], RAS_Z[1], RAS_Z[1]]
+    off_diag = [(l, m) for l in range(3) for m in range(3) if l != m]
+    assert loss.item() == pytest.approx(_ras_by_hand(RAS_T, codes, off_diag), rel=1e-5)
+    # explicitly: pairs (0,2) err 1/2 and (1,2) err (1-1/√2)², each twice, over 6 pairs
+    assert loss.item() == pytest.approx((2 * 0.5 + 2 * (1 - 1 / math.sqrt(2)) ** 2) / 6, rel=1e-5)
+    ref, _ = relationship_alignment(t, v, z, nn.Identity(), real, reduction="reference")
+    assert ref.item() == pytest.approx((2 * 0.5 + 2 * (1 - 1 / math.sqrt(2)) ** 2) / 9, rel=1e-5)
+
+
+def test_ras_zero_when_codes_reproduce_word_similarities():
+    words = [[1.0, 0.0], [0.6, 0.8], [-0.28, 0.96]]
+    # visual position n holds word n's direction and a code that is a rescaled copy of it
+    t, v, z = _ras_inputs(t=words, v=words, z=[[2 * x for x in w] for w in words])
+    for reduction in ("real_words", "reference"):
+        loss, n_star = relationship_alignment(t, v, z, nn.Identity(), torch.ones(1, 3, dtype=torch.bool),
+                                              reduction=reduction)
+        assert n_star.tolist() == [[0, 1, 2]]
+        assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_ras_padding_aware_vs_reference():
+    pad = [0.3, -1.0]  # a padding position's arbitrary feature
+    words = RAS_T + [pad]
+    t, v, z = _ras_inputs(t=words)
+    real = torch.tensor([[True, True, True, False]])
+    loss, n_star = relationship_alignment(t, v, z, nn.Identity(), real)
+    ref, _ = relationship_alignment(t, v, z, nn.Identity(), real, reduction="reference")
+    codes = [RAS_Z[n] for n in n_star[0].tolist()]
+    real_pairs = [(l, m) for l in range(3) for m in range(3) if l != m]
+    every_entry = [(l, m) for l in range(4) for m in range(4)]
+    assert loss.item() == pytest.approx(_ras_by_hand(words, codes, real_pairs), rel=1e-5)
+    assert ref.item() == pytest.approx(_ras_by_hand(words, codes, every_entry), rel=1e-5)
+    # the padding word changes only the reference reduction
+    unpadded, _ = relationship_alignment(*_ras_inputs(), nn.Identity(), torch.ones(1, 3, dtype=torch.bool))
+    assert loss.item() == pytest.approx(unpadded.item(), rel=1e-6)
+    assert ref.item() != pytest.approx(unpadded.item(), rel=1e-3)
+
+
+def test_ras_similarity_weighting_flips_signs_only():
+    words = RAS_T + [[-1.0, -0.1]]  # every cosine with the visual tokens is negative: a < 0
+    t, v, z = _ras_inputs(t=words)
+    real = torch.ones(1, 4, dtype=torch.bool)
+    weighted, n_star = relationship_alignment(t, v, z, nn.Identity(), real, weight_by_similarity=True)
+    sims = [max(_cos(w, vis) for vis in RAS_V) for w in words]
+    assert sims[3] < 0 < min(sims[:3])
+    codes = [[x * (1 if s > 0 else -1) for x in RAS_Z[n]] for s, n in zip(sims, n_star[0].tolist())]
+    pairs = [(l, m) for l in range(4) for m in range(4) if l != m]
+    assert weighted.item() == pytest.approx(_ras_by_hand(words, codes, pairs), rel=1e-5)
+    plain, _ = relationship_alignment(t, v, z, nn.Identity(), real)
+    assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+def test_ras_gradient_reaches_only_the_chosen_codes():
+    t, v, z = _ras_inputs(t=RAS_T, v=RAS_V + [[-1.0, -1.0]], z=RAS_Z + [[1.0, 1.0]])
+    loss, n_star = relationship_alignment(t, v, z, nn.Identity(), torch.ones(1, 3, dtype=torch.bool))
+    loss.backward()
+    grad_norm = z.grad[0, :, 0].norm(dim=0)  # per visual position
+    assert n_star.tolist() == [[0, 1, 1]]
+    assert grad_norm[0] > 0 and grad_norm[1] > 0 and grad_norm[2] == 0
+
+
+def test_ras_module_counts_real_words_only():
+    encoder = FakeTextEncoder(width=2, global_width=2, embed_width=4, max_length=7)
+    ras = RelationshipAlignment()
+    ras.setup(_guide(encoder, code_dim=3))
+    linear = ras.project[0]
+    assert (linear.in_features, linear.out_features) == (3, 2) and ras.project[2].eps >= 1e-5
+    assert linear.weight.std().item() == pytest.approx(0.01, rel=0.8)
+    torch.manual_seed(0)
+    text = TextFeatures(torch.randn(2, 7, 2), torch.randn(2, 2), MASK_TOKENS)
+    visual, z_q = torch.randn(2, 5, 2), torch.randn(2, 3, 1, 4)
+    got = ras(_guided(text, visual, z_q), {})
+    words = eligible_tokens(MASK_TOKENS)  # not special, not padding
+    expected, _ = relationship_alignment(text.token_feats, visual[:, 1:], z_q, ras.project, words)
+    assert got.item() == pytest.approx(expected.item())
+    with_special = RelationshipAlignment(include_special=True)
+    with_special.project = ras.project
+    with_special._is_set_up = True
+    assert with_special(_guided(text, visual, z_q), {}).item() != pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="reduction"):
+        RelationshipAlignment(reduction="sum")
+
+
+def test_losses_are_registered():
+    import lgvq_plugins
+
+    assert {"gsa", "mtp", "ras"} <= set(lgvq_plugins.list_alignment_losses())
+    assert isinstance(lgvq_plugins.create_alignment_loss("gsa", temperature=0.5), GlobalSemanticAlignment)
