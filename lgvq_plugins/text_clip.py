@@ -276,13 +276,19 @@ def _load_text_weights(tower: torch.nn.Module, checkpoint: str, model_name: str)
     text_sd = _text_state_dict(state_dict)
     # OpenAI TorchScript checkpoints store the causal mask among their tensors
     text_sd = {k: v for k, v in text_sd.items() if k != "attn_mask"}
-    missing, unexpected = tower.load_state_dict(text_sd, strict=False)
-    if missing or unexpected:
+    own = tower.state_dict()
+    missing = sorted(set(own) - set(text_sd))
+    unexpected = sorted(set(text_sd) - set(own))
+    resized = [f"{k} {tuple(text_sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in text_sd and text_sd[k].shape != v.shape]
+    if missing or unexpected or resized:
         raise RuntimeError(
             f"open_clip text encoder: checkpoint {checkpoint!r} does not match the text tower of "
-            f"{model_name!r}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}. "
-            "Check model_name (and text_cfg/embed_dim overrides) against the checkpoint."
+            f"{model_name!r}: missing {missing[:6]}, unexpected {unexpected[:6]}, "
+            f"shape (checkpoint vs model) {resized[:4]}. Check model_name (and the text_cfg / "
+            "embed_dim overrides) against the checkpoint."
         )
+    tower.load_state_dict(text_sd, strict=True)
 
 
 def _start_end_ids(tokenizer: Any, model_name: str) -> tuple[int | None, int]:
