@@ -125,10 +125,11 @@ class ShapesDataset(Dataset):
             raise IndexError(f"shapes[{self.split}]: index {index} out of range 0..{self.num_samples - 1}")
         return index
 
-    def _generate(self, index: int) -> tuple[scene_mod.Layout, scene_mod.Rendered, Facts, np.random.Generator]:
+    def _generate(self, index: int, signed: bool = False
+                  ) -> tuple[scene_mod.Layout, scene_mod.Rendered, Facts, np.random.Generator]:
         rng = self._rng(index)
         layout = scene_mod.sample_layout(rng, self.size, self.min_objects, self.max_objects)
-        rendered = scene_mod.render(layout, self.size)
+        rendered = scene_mod.render(layout, self.size, signed=signed)
         facts = Facts(layout.shape, layout.colour, layout.large, layout.centre, self.size,
                       self.relation_margin)
         return layout, rendered, facts, rng
@@ -151,32 +152,27 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
-        _, rendered, facts, rng = self._generate(index)
+        _, rendered, facts, rng = self._generate(index, signed=True)
         captions = text_mod.choose_captions(facts, rng, self.captions_per_image)
-        qas = text_mod.question_candidates(facts, rng)
-        refs = text_mod.refexp_candidates(facts)
-
         caption = captions[self._pick(index, 0, len(captions))]
         # Question kind first, then a question of that kind, so the frequent kinds
-        # (counting, attributes) do not crowd out relations and existence.
-        kinds = sorted({q.kind for q in qas}, key=QUESTION_KINDS.index)
-        kind = kinds[self._pick(index, 1, len(kinds))]
-        of_kind = [q for q in qas if q.kind == kind]
+        # (counting, attributes) do not crowd out relations and existence. Only the chosen
+        # kind is generated; the choice matches ``questions(index)``.
+        kinds = facts.question_kinds()
+        of_kind = text_mod.question_candidates(facts, rng, [kinds[self._pick(index, 1, len(kinds))]])
         qa = of_kind[self._pick(index, 2, len(of_kind))]
-        # Object first, then an expression for it, so every object is referred to as often.
-        targets = sorted({r.target for r in refs})
-        target = targets[self._pick(index, 3, len(targets))]
-        of_target = [r for r in refs if r.target == target]
+        # Object first, then an expression for it, so every object is referred to as often
+        # (each object has at least its full description, which is unique in the scene).
+        target = self._pick(index, 3, facts.n)
+        of_target = text_mod.refexp_candidates(facts, target)
         ref = of_target[self._pick(index, 4, len(of_target))]
-
-        image = torch.from_numpy(rendered.image).mul_(2.0).sub_(1.0)
         return {
-            "image": image,
+            "image": torch.from_numpy(rendered.image),
             "caption": caption,
             "question": qa.question,
             "answer": qa.answer,
             "refexp": ref.text,
-            "box": torch.from_numpy(rendered.boxes[ref.target].copy()),
+            "box": torch.from_numpy(rendered.boxes[target].copy()),
             "semantic": torch.from_numpy(rendered.semantic),
             "colour_map": torch.from_numpy(rendered.colour_map),
             "index": index,

@@ -16,6 +16,7 @@ Colour map: 0 background, ``1 + COLOUR_NAMES.index(colour)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,6 +52,7 @@ _BACKGROUND_LEVEL = (0.08, 0.22)  # dark grey ...
 _BACKGROUND_TINT = 0.03  # ... with a light per-channel tint
 _CANDIDATES = 16  # positions tried at once per object when placing it
 _ROUNDS = 8  # batches of candidates before an object is shrunk (then the scene restarts)
+_PIXEL_CENTRES = np.arange(4096) + 0.5  # x (or y) of pixel centres; sliced per object
 MIN_SIZE = 32  # below this, small objects are too few pixels to tell the shapes apart
 
 
@@ -69,7 +71,7 @@ class Layout(NamedTuple):
 class Rendered(NamedTuple):
     """Pixels and exact labels of a rendered layout."""
 
-    image: np.ndarray  # (3, H, W) float32 in [0, 1]
+    image: np.ndarray  # (3, H, W) float32 in [0, 1] (or [-1, 1] when rendered signed)
     objects: np.ndarray  # (H, W) int64: 0 background, i + 1 for object i
     semantic: np.ndarray  # (H, W) int64: 0 background, 1 + shape index
     colour_map: np.ndarray  # (H, W) int64: 0 background, 1 + colour index
@@ -109,9 +111,10 @@ class Scene:
 
 def check_size(size: int) -> None:
     """Raise a clear error for image sizes the renderer cannot draw legibly."""
-    if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
-        raise ValueError(f"shapes: size={size!r} is too small; use an integer >= {MIN_SIZE} "
-                         "(64 is the default) so small objects still show their shape")
+    if not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= len(_PIXEL_CENTRES):
+        raise ValueError(f"shapes: size={size!r} is out of range; use an integer from {MIN_SIZE} "
+                         f"(so small objects still show their shape) to {len(_PIXEL_CENTRES)}; "
+                         "64 is the default")
 
 
 def _place(rng: np.random.Generator, half: np.ndarray, size: int, gap: float) -> np.ndarray | None:
@@ -197,17 +200,21 @@ def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape index {shape}")
 
 
-def render(layout: Layout, size: int) -> Rendered:
-    """Rasterise ``layout`` at ``size``×``size``: object-id image, then lookup tables."""
+def render(layout: Layout, size: int, *, signed: bool = False) -> Rendered:
+    """Rasterise ``layout`` at ``size``×``size``: object-id image, then lookup tables.
+    ``signed=True`` gives the image in [-1, 1] instead of [0, 1] (scaled in the palette,
+    so it costs nothing per pixel)."""
     n = len(layout.shape)
     objects = np.zeros((size, size), dtype=np.int64)
     boxes = np.empty((n, 4), dtype=np.float32)
+    centres, halves = layout.centre.tolist(), layout.half.tolist()
     for i in range(n):  # a loop over the (≤ a few) objects; each mask is one array expression
-        (cx, cy), h = layout.centre[i], layout.half[i]
-        x0, x1 = max(int(cx - h), 0), min(int(np.ceil(cx + h)) + 1, size)
-        y0, y1 = max(int(cy - h), 0), min(int(np.ceil(cy + h)) + 1, size)
-        u = ((np.arange(x0, x1) + 0.5 - cx) / h)[None, :]  # pixel centres, (1, w)
-        v = ((np.arange(y0, y1) + 0.5 - cy) / h)[:, None]  # (h, 1)
+        (cx, cy), h = centres[i], halves[i]
+        # Only the object's square extent (plus a pixel) can hold its pixels.
+        x0, x1 = max(int(cx - h), 0), min(math.ceil(cx + h) + 1, size)
+        y0, y1 = max(int(cy - h), 0), min(math.ceil(cy + h) + 1, size)
+        u = ((_PIXEL_CENTRES[x0:x1] - cx) / h)[None, :]  # (1, w)
+        v = ((_PIXEL_CENTRES[y0:y1] - cy) / h)[:, None]  # (h, 1)
         mask = _inside(int(layout.shape[i]), u, v)  # (h, w) by broadcasting
         objects[y0:y1, x0:x1][mask] = i + 1
         cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
@@ -216,9 +223,11 @@ def render(layout: Layout, size: int) -> Rendered:
     palette = np.empty((3, n + 1), dtype=np.float32)  # column 0 is the background
     palette[:, 0] = layout.background
     palette[:, 1:] = layout.rgb.T
-    image = palette[:, objects]  # (3, H, W)
-    semantic = np.concatenate(([0], layout.shape + 1))[objects]
-    colour_map = np.concatenate(([0], layout.colour + 1))[objects]
+    if signed:
+        palette = palette * 2.0 - 1.0
+    image = np.take(palette, objects, axis=1)  # (3, H, W); np.take is ~3x faster than [:, objects]
+    semantic = np.take(np.concatenate(([0], layout.shape + 1)), objects)
+    colour_map = np.take(np.concatenate(([0], layout.colour + 1)), objects)
     return Rendered(image, objects, semantic, colour_map, boxes)
 
 

@@ -57,6 +57,8 @@ _USES: tuple[tuple[bool, bool, bool], ...] = (
 _FULL = (True, True, True)
 _COLOUR_SHAPE = (False, True, True)
 _NOTHING = (False, False, False)
+_SHAPE = (False, False, True)
+_COLOUR = (False, True, False)
 
 # Fixed words of the grammar's templates (the attribute words are added to these).
 _TEMPLATE_TEXT = """
@@ -94,35 +96,62 @@ class Facts:
 
     def __init__(self, shape: Sequence[int], colour: Sequence[int], large: Sequence[bool],
                  centre: np.ndarray, size: int, margin: float):
-        self.n = len(shape)
+        n = self.n = len(shape)
         # (size word, colour word, shape word) per object
         self.attrs = [(SIZES[int(large[i])], COLOUR_NAMES[int(colour[i])], SHAPES[int(shape[i])])
-                      for i in range(self.n)]
-        self.centre = [(float(centre[i][0]), float(centre[i][1])) for i in range(self.n)]
+                      for i in range(n)]
+        self.centre = [(float(x), float(y)) for x, y in np.asarray(centre).tolist()]
         self.size, self.margin = size, margin
-        d = np.asarray(centre, dtype=np.float64)[:, None, :] - np.asarray(centre, dtype=np.float64)[None, :, :]
-        # rel[i][j]: clear relations of object i with respect to object j
-        self.rel = [[[r for r, clear in (("left", d[i, j, 0] < -margin), ("right", d[i, j, 0] > margin),
-                                         ("above", d[i, j, 1] < -margin), ("below", d[i, j, 1] > margin))
-                      if clear] for j in range(self.n)] for i in range(self.n)]
-        self.unique = [[u for u in _USES if self._count(self.attrs[i], u) == 1] for i in range(self.n)]
-        if self.n == 1:
+        # rel[i][j]: the clear relations of object i with respect to object j
+        self.rel = [[self._relations(i, j) for j in range(n)] for i in range(n)]
+        self.has_relation = any(r for row in self.rel for r in row)
+        # same[a][i]: objects sharing attribute a with object i (i included)
+        same = [[frozenset(k for k in range(n) if self.attrs[k][a] == self.attrs[i][a]) for i in range(n)]
+                for a in range(3)]
+        everyone = frozenset(range(n))
+        # matches[use][i]: objects fitting object i's description with those attributes
+        self.matches = {use: [sorted(everyone.intersection(*(same[a][i] for a in range(3) if use[a])))
+                              for i in range(n)]
+                        for use in (_NOTHING, *_USES)}
+        self.unique = [[u for u in _USES if len(self.matches[u][i]) == 1] for i in range(n)]
+        if n == 1:
             self.unique[0].insert(0, _NOTHING)  # "the object"
+        self._phrases: dict[tuple[int, tuple[bool, bool, bool]], str] = {}
 
-    def _count(self, attrs: tuple[str, str, str], use: tuple[bool, bool, bool]) -> int:
-        return sum(all(a == b for a, b, u in zip(attrs, other, use) if u) for other in self.attrs)
+    def _relations(self, i: int, j: int) -> list[str]:
+        dx = self.centre[i][0] - self.centre[j][0]
+        dy = self.centre[i][1] - self.centre[j][1]  # y grows downwards: negative is "above"
+        m, out = self.margin, []
+        if dx < -m:
+            out.append("left")
+        elif dx > m:
+            out.append("right")
+        if dy < -m:
+            out.append("above")
+        elif dy > m:
+            out.append("below")
+        return out
 
-    def matching(self, use: tuple[bool, bool, bool], attrs: tuple[str, str, str]) -> list[int]:
-        """Objects that fit a description with these attributes."""
-        return [k for k, other in enumerate(self.attrs)
-                if all(a == b for a, b, u in zip(attrs, other, use) if u)]
+    def question_kinds(self) -> list[str]:
+        """The question kinds this scene has at least one question of: ``relation`` needs
+        two objects clearly apart; asking an object's size (colour, shape) needs a unique
+        description of it that does not already name its size (colour, shape)."""
+        attribute = ("size", "colour", "shape")
+        return [kind for kind in QUESTION_KINDS
+                if (kind != "relation" or self.has_relation)
+                and (kind not in attribute
+                     or any(not use[attribute.index(kind)] for uses in self.unique for use in uses))]
 
     def phrase(self, i: int, use: tuple[bool, bool, bool]) -> str:
         """Noun phrase without article, e.g. ``large red circle``, ``red object``."""
-        size, colour, shape = self.attrs[i]
-        words = [w for w, u in ((size, use[0]), (colour, use[1])) if u]
-        words.append(shape if use[2] else "object")
-        return " ".join(words)
+        key = (i, use)
+        text = self._phrases.get(key)
+        if text is None:
+            size, colour, shape = self.attrs[i]
+            words = [w for w, u in ((size, use[0]), (colour, use[1])) if u]
+            words.append(shape if use[2] else "object")
+            text = self._phrases[key] = " ".join(words)
+        return text
 
 
 def article(phrase: str) -> str:
@@ -213,43 +242,65 @@ def choose_captions(facts: Facts, rng: np.random.Generator, count: int) -> list[
 # --------------------------------------------------------------------------------------
 
 
-def question_candidates(facts: Facts, rng: np.random.Generator) -> list[QA]:
-    """Every question with one clear answer that the grammar asks about the scene."""
-    n, qas = facts.n, []
-    qas.append(QA("how many objects are there?", NUMBERS[n], "count"))
-    sizes, colours, shapes = (sorted({a[k] for a in facts.attrs}) for k in range(3))
-    for word, k in [(s, 0) for s in sizes] + [(c, 1) for c in colours]:
-        qas.append(QA(f"how many {word} objects are there?",
-                      NUMBERS[sum(a[k] == word for a in facts.attrs)], "count"))
-    for s in shapes:
-        qas.append(QA(f"how many {PLURALS[s]} are there?",
-                      NUMBERS[sum(a[2] == s for a in facts.attrs)], "count"))
+def _count_questions(facts: Facts) -> list[QA]:
+    qas = [QA("how many objects are there?", NUMBERS[facts.n], "count")]
+    for k in range(3):
+        present = sorted({a[k] for a in facts.attrs})
+        for word in present:
+            what = PLURALS[word] if k == 2 else word + " objects"
+            qas.append(QA(f"how many {what} are there?",
+                          NUMBERS[sum(a[k] == word for a in facts.attrs)], "count"))
+    return qas
 
-    for i in range(n):
-        for use in facts.unique[i]:
-            the = "the " + facts.phrase(i, use)
-            for k, kind in enumerate(("size", "colour", "shape")):
-                if not use[k]:  # never ask about an attribute the question already names
-                    qas.append(QA(f"what {kind} is {the}?", facts.attrs[i][k], kind))
 
-    for i, j in itertools.permutations(range(n), 2):
+def _attribute_questions(facts: Facts, kind: str) -> list[QA]:
+    """``what <kind> is the <unique description>?``, never naming the asked attribute."""
+    k = ("size", "colour", "shape").index(kind)
+    return [QA(f"what {kind} is the {facts.phrase(i, use)}?", facts.attrs[i][k], kind)
+            for i in range(facts.n) for use in facts.unique[i] if not use[k]]
+
+
+def _relation_questions(facts: Facts) -> list[QA]:
+    """One "yes" (the clear relation) and one "no" (its opposite) per clear relation."""
+    qas = []
+    for i, j in itertools.permutations(range(facts.n), 2):
         a = "the " + facts.phrase(i, facts.unique[i][0])
         b = "the " + facts.phrase(j, facts.unique[j][0])
         for r in facts.rel[i][j]:
             qas.append(QA(f"is {a} {RELATION_PHRASES[r]} {b}?", "yes", "relation"))
             qas.append(QA(f"is {a} {RELATION_PHRASES[OPPOSITE[r]]} {b}?", "no", "relation"))
+    return qas
 
-    present = {(a[1], a[2]) for a in facts.attrs}
-    for colour, shape in sorted(present):
-        qas.append(QA(f"is there {article(colour + ' ' + shape)}?", "yes", "exist"))
-    # As many "no" as "yes" questions, about colour–shape pairs the scene lacks.
-    absent_pairs = len(COLOUR_NAMES) * len(SHAPES)
-    for k in rng.permutation(absent_pairs)[: 2 * len(present)]:
-        colour, shape = COLOUR_NAMES[k // len(SHAPES)], SHAPES[k % len(SHAPES)]
-        if (colour, shape) not in present:
-            qas.append(QA(f"is there {article(colour + ' ' + shape)}?", "no", "exist"))
-            if sum(q.answer == "no" for q in qas if q.kind == "exist") == len(present):
-                break
+
+def _exist_questions(facts: Facts, rng: np.random.Generator) -> list[QA]:
+    """``is there a <colour> <shape>?``: every pair present ("yes") and as many absent
+    pairs ("no"), drawn from ``rng``."""
+    present = sorted({(a[1], a[2]) for a in facts.attrs})
+    qas = [QA(f"is there {article(c + ' ' + s)}?", "yes", "exist") for c, s in present]
+    # 2 × present draws always hold enough absent pairs: at most len(present) are present.
+    draws = rng.permutation(len(COLOUR_NAMES) * len(SHAPES))[: 2 * len(present)].tolist()
+    absent = [(COLOUR_NAMES[k // len(SHAPES)], SHAPES[k % len(SHAPES)]) for k in draws]
+    absent = [pair for pair in absent if pair not in present][: len(present)]
+    qas += [QA(f"is there {article(c + ' ' + s)}?", "no", "exist") for c, s in absent]
+    return qas
+
+
+def question_candidates(facts: Facts, rng: np.random.Generator,
+                        kinds: Sequence[str] | None = None) -> list[QA]:
+    """Every question with one clear answer that the grammar asks about the scene, for the
+    given kinds (default: all). Only ``exist`` questions draw from ``rng``."""
+    qas: list[QA] = []
+    for kind in QUESTION_KINDS if kinds is None else kinds:
+        if kind == "count":
+            qas += _count_questions(facts)
+        elif kind in ("colour", "shape", "size"):
+            qas += _attribute_questions(facts, kind)
+        elif kind == "relation":
+            qas += _relation_questions(facts)
+        elif kind == "exist":
+            qas += _exist_questions(facts, rng)
+        else:
+            raise ValueError(f"unknown question kind {kind!r}; kinds are {', '.join(QUESTION_KINDS)}")
     return qas
 
 
@@ -258,35 +309,37 @@ def question_candidates(facts: Facts, rng: np.random.Generator) -> list[QA]:
 # --------------------------------------------------------------------------------------
 
 
-def refexp_candidates(facts: Facts) -> list[RefExp]:
-    """Every referring expression the grammar has for the scene; each picks out exactly
-    one object."""
+def refexp_candidates(facts: Facts, target: int | None = None) -> list[RefExp]:
+    """Every referring expression the grammar has for the scene (or for one ``target``
+    object); each picks out exactly one object."""
     n, out = facts.n, []
-    for i in range(n):
+    targets = range(n) if target is None else (target,)
+    for i in targets:
         out.extend(RefExp("the " + facts.phrase(i, use), i) for use in facts.unique[i])
     if n == 1:
         return out
 
     # "the <head> <relation> the <landmark>": exactly one head-matching object (other than
     # the landmark) stands in the relation, and every other one clearly in the opposite one.
-    for j in range(n):
-        landmark = "the " + facts.phrase(j, facts.unique[j][0])
-        for r in RELATIONS:
-            for head in (_NOTHING, (False, False, True)):
-                for i in range(n):
-                    if i == j or r not in facts.rel[i][j]:
-                        continue
-                    others = [k for k in facts.matching(head, facts.attrs[i]) if k not in (i, j)]
+    for i in targets:
+        for j in range(n):
+            if i == j:
+                continue
+            landmark = "the " + facts.phrase(j, facts.unique[j][0])
+            for r in facts.rel[i][j]:
+                for head in (_NOTHING, _SHAPE):
+                    others = [k for k in facts.matches[head][i] if k != i and k != j]
                     if all(OPPOSITE[r] in facts.rel[k][j] for k in others):
                         out.append(RefExp(f"the {facts.phrase(i, head)} {RELATION_PHRASES[r]} {landmark}", i))
 
     # "the leftmost <head>": the extreme object along an axis, clear of the runner-up.
-    for word, (axis, side) in SUPERLATIVES.items():
-        for head in (_NOTHING, (False, False, True), (False, True, False)):
-            for i in range(n):
-                others = [k for k in facts.matching(head, facts.attrs[i]) if k != i]
-                if others and all(side * (facts.centre[i][axis] - facts.centre[k][axis]) > facts.margin
-                                  for k in others):
+    for i in targets:
+        for head in (_NOTHING, _SHAPE, _COLOUR):
+            others = [k for k in facts.matches[head][i] if k != i]
+            if not others:
+                continue
+            for word, (axis, side) in SUPERLATIVES.items():
+                if all(side * (facts.centre[i][axis] - facts.centre[k][axis]) > facts.margin for k in others):
                     out.append(RefExp(f"the {word} {facts.phrase(i, head)}", i))
     return list(dict.fromkeys(out))
 
