@@ -26,10 +26,18 @@ class VectorQuantizeAdapter(nn.Module):
         from vector_quantize_pytorch import VectorQuantize
 
         self.dim, self.num_codes = dim, num_codes
+        self._config = {"dim": dim, "num_codes": num_codes, "decay": decay,
+                        "commitment_weight": commitment_weight, "use_cosine_sim": use_cosine_sim,
+                        "kmeans_init": kmeans_init}
         self.vq = VectorQuantize(dim=dim, codebook_size=num_codes, decay=decay,
                                  commitment_weight=commitment_weight, use_cosine_sim=use_cosine_sim,
                                  kmeans_init=kmeans_init, accept_image_fmap=True,
                                  rotation_trick=False)
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments (JSON-serialisable): ``create_quantizer(name, **config)`` rebuilds it."""
+        return dict(self._config)
 
     @property
     def codebook(self) -> Tensor:
@@ -56,8 +64,14 @@ class FSQAdapter(nn.Module):
         from vector_quantize_pytorch import FSQ
 
         self.dim = dim
+        self.levels = [int(level) for level in levels]
         self.fsq = FSQ(levels=list(levels), dim=dim)
         self.num_codes = self.fsq.codebook_size
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments (JSON-serialisable): ``create_quantizer(name, **config)`` rebuilds it."""
+        return {"dim": self.dim, "levels": list(self.levels)}
 
     @property
     def codebook(self) -> Tensor:
@@ -67,6 +81,7 @@ class FSQAdapter(nn.Module):
 
     def forward(self, z: Tensor) -> Quantized:
         z_q, indices = self.fsq(z)
+        indices = indices.long()  # the contract's int64 (FSQ returns int32)
         return Quantized(z_q, indices, z.new_zeros(()), _usage_stats(indices, self.num_codes))
 
     def embed(self, indices: Tensor) -> Tensor:

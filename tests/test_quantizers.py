@@ -1,0 +1,457 @@
+"""Quantizers: the contract for every registered one, and the numbers of ``vq`` / ``cvq``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lgvq_plugins
+from lgvq_plugins.backbones.cvq import ClusteredVectorQuantizer
+from lgvq_plugins.backbones.quant_search import nearest_codes, tile_shape
+from lgvq_plugins.backbones.vq import VectorQuantizer
+from lgvq_plugins.interfaces import Quantized, Quantizer
+
+DIM = 16
+
+
+def _latents(b: int = 2, dim: int = DIM, h: int = 4, w: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, dim, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def check_contract(q: nn.Module, dim: int = DIM) -> None:
+    """What every quantizer must satisfy (the generic checks)."""
+    assert isinstance(q, Quantizer)
+    assert q.dim == dim
+    q.train()
+    z = _latents(dim=dim).requires_grad_(True)
+    out = q(z)
+    assert isinstance(out, Quantized)
+    assert out.z_q.shape == z.shape
+    assert out.indices.shape == (z.shape[0], *z.shape[2:])
+    assert out.indices.dtype == torch.int64
+    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < q.num_codes
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert torch.isfinite(out.z_q).all()
+    for key in ("perplexity", "usage"):
+        value = out.stats[key]
+        assert not value.requires_grad and torch.isfinite(value)
+    assert 1.0 <= float(out.stats["perplexity"]) <= q.num_codes + 1e-3
+    assert 0.0 < float(out.stats["usage"]) <= 1.0
+
+    # gradients reach the input (straight-through) and every learned parameter
+    (out.z_q.square().sum() + out.loss).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    for name, p in q.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"parameter {name} got no gradient"
+            assert torch.isfinite(p.grad).all(), name
+
+    codebook = q.codebook
+    assert codebook.shape == (q.num_codes, dim)
+    assert torch.isfinite(codebook).all()
+
+    # eval: the output is exactly the looked-up codes
+    q.eval()
+    with torch.no_grad():
+        out = q(z)
+        assert torch.equal(out.z_q, q.embed(out.indices))
+
+
+# ---------------------------------------------------------------------------------------
+# Every registered quantizer (third-party ones included)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", lgvq_plugins.list_quantizers())
+def test_registered_quantizer_meets_contract(name: str) -> None:
+    torch.manual_seed(0)
+    check_contract(lgvq_plugins.create_quantizer(name, dim=DIM))
+
+
+@pytest.mark.parametrize("name", lgvq_plugins.list_quantizers())
+def test_registered_quantizer_config_rebuilds_it(name: str) -> None:
+    q = lgvq_plugins.create_quantizer(name, dim=DIM)
+    config = q.config
+    assert json.loads(json.dumps(config)) == config  # JSON-serialisable
+    rebuilt = lgvq_plugins.create_quantizer(name, **config)
+    assert rebuilt.config == config
+    assert type(rebuilt) is type(q)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in q.state_dict().items()}
+
+
+def test_a_newly_registered_quantizer_is_checked_too() -> None:
+    name = "tiny_sign_quantizer"
+
+    @lgvq_plugins.register_quantizer(name)
+    class SignQuantizer(nn.Module):  # two codes per channel: ±1, straight-through
+        def __init__(self, dim: int):
+            super().__init__()
+            self.dim, self.num_codes = dim, 2 ** dim
+            self.config = {"dim": dim}
+            self.register_buffer("powers", 2 ** torch.arange(dim))
+
+        @property
+        def codebook(self):
+            bits = (torch.arange(self.num_codes)[:, None] // self.powers) % 2
+            return bits.float() * 2 - 1
+
+        def forward(self, z):
+            q = torch.where(z > 0, 1.0, -1.0)
+            idx = ((q > 0).long() * self.powers[:, None, None]).sum(1)
+            z_q = z + (q - z).detach() if self.training else q
+            counts = torch.bincount(idx.reshape(-1), minlength=self.num_codes).float()
+            p = counts / counts.sum()
+            stats = {"perplexity": (-(p * p.clamp_min(1e-12).log()).sum()).exp(), "usage": (counts > 0).float().mean()}
+            return Quantized(z_q, idx, F.mse_loss(z, q), stats)
+
+        def embed(self, indices):
+            return self.codebook[indices].movedim(-1, 1)
+
+    try:
+        assert name in lgvq_plugins.list_quantizers()
+        check_contract(lgvq_plugins.create_quantizer(name, dim=6), dim=6)
+    finally:
+        lgvq_plugins.registry("quantizer").remove(name)
+    assert name not in lgvq_plugins.list_quantizers()
+
+
+# ---------------------------------------------------------------------------------------
+# vq / cvq options
+# ---------------------------------------------------------------------------------------
+
+VQ_OPTIONS = [
+    {},
+    {"distance": "cosine"},
+    {"legacy": True},
+    {"ema": True},
+    {"ema": True, "distance": "cosine"},
+    {"code_dim": 4},
+    {"code_dim": 4, "ema": True},
+    {"chunk_size": 7},
+]
+CVQ_OPTIONS = [
+    {},
+    {"distance": "l2"},
+    {"anchor": "closest"},
+    {"anchor": "random"},
+    {"anchor": None},
+    {"contrastive": True},
+    {"contrastive": True, "distance": "l2", "chunk_size": 50},
+    {"first_batch": True, "legacy": True},
+]
+
+
+@pytest.mark.parametrize("options", VQ_OPTIONS, ids=lambda o: json.dumps(o))
+def test_vq_options_meet_contract(options: dict) -> None:
+    torch.manual_seed(0)
+    q = lgvq_plugins.create_quantizer("vq", dim=DIM, num_codes=24, **options)
+    check_contract(q)
+    lgvq_plugins.create_quantizer("vq", **q.config)  # config round trip per option
+    if options.get("ema"):
+        assert "weight" not in dict(q.named_parameters())  # the codebook is not learned by gradient
+    else:
+        q.train()
+        q.zero_grad()
+        q(_latents()).loss.backward()
+        assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("options", CVQ_OPTIONS, ids=lambda o: json.dumps(o))
+def test_cvq_options_meet_contract(options: dict) -> None:
+    torch.manual_seed(0)
+    q = lgvq_plugins.create_quantizer("cvq", dim=DIM, num_codes=24, **options)
+    check_contract(q)
+    q.train()
+    q.zero_grad()
+    q(_latents()).loss.backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+
+
+def test_bad_settings_raise_with_the_setting_named() -> None:
+    with pytest.raises(ValueError, match="dim=16"):
+        VectorQuantizer(dim=16)(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match="distance"):
+        VectorQuantizer(dim=4, distance="manhattan")
+    with pytest.raises(ValueError, match="legacy"):
+        VectorQuantizer(dim=4, ema=True, legacy=True)
+    with pytest.raises(ValueError, match="anchor"):
+        ClusteredVectorQuantizer(dim=4, anchor="nearest")
+
+
+# ---------------------------------------------------------------------------------------
+# Nearest-code search
+# ---------------------------------------------------------------------------------------
+
+
+def _check_against_cdist(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+    rows = z.movedim(1, -1).reshape(-1, z.shape[1]).double()
+    d = torch.cdist(rows, codebook.double()).square()  # (N, K) reference, float64
+    ref = d.argmin(1)
+    chosen = d.gather(1, indices.reshape(-1, 1)).squeeze(1)
+    best = d.min(1).values
+    assert torch.all(chosen <= best + 1e-4)  # never a worse code
+    top2 = d.topk(2, dim=1, largest=False).values
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-3  # away from near-ties the index is the reference's
+    assert clear.float().mean() > 0.95
+    assert torch.equal(indices.reshape(-1)[clear], ref[clear])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 37, 300 * 5])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_vq_picks_the_bruteforce_nearest_codes(chunk_size: int | None, autocast: bool) -> None:
+    torch.manual_seed(1)
+    q = lgvq_plugins.create_quantizer("vq", dim=8, num_codes=300, chunk_size=chunk_size)
+    with torch.no_grad():
+        q.weight.normal_()
+    z = torch.randn(3, 8, 10, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = q(z)
+    assert out.z_q.dtype == torch.float32  # quantized in fp32 even under autocast
+    _check_against_cdist(z, q.weight.detach(), out.indices)
+    reference = lgvq_plugins.create_quantizer("vq", dim=8, num_codes=300)
+    reference.load_state_dict(q.state_dict())
+    assert torch.equal(reference(z).indices, out.indices)  # chunking and autocast change nothing
+    q.eval()
+    assert torch.equal(q(q.embed(out.indices)).indices, out.indices)  # indices ↔ codes round trip
+
+
+def test_search_tiles_respect_the_budget_and_agree() -> None:
+    for n, k, budget in [(1000, 300, 37), (1000, 300, 4096), (5, 70000, 2**22), (16384, 65536, 2**22)]:
+        rows, cols = tile_shape(n, k, budget)
+        assert rows * cols <= max(budget, 1) and rows >= 1 and cols >= 1
+    x, codes = torch.randn(257, 5), torch.randn(61, 5)
+    full = nearest_codes(x, codes, chunk_size=10**9, per_code="closest")
+    for budget in (1, 13, 64, 61 * 4 + 3):
+        part = nearest_codes(x, codes, chunk_size=budget, per_code="closest")
+        assert torch.equal(part.indices, full.indices)
+        assert torch.equal(part.code_arg, full.code_arg)
+        torch.testing.assert_close(part.distances, full.distances)
+    d = torch.cdist(x.double(), codes.double()).square()
+    torch.testing.assert_close(full.distances.double(), d.min(1).values, atol=1e-4, rtol=1e-5)
+    assert torch.equal(full.code_arg, d.argmin(0))  # per-code closest vector
+
+
+def test_per_code_sampling_follows_the_softmax() -> None:
+    # one code, four vectors at squared distances 0, 1, 2, 3: P(n) ∝ exp(-scale·d_n)
+    codes = torch.zeros(1, 1)
+    x = torch.tensor([[0.0], [1.0], [2.0 ** 0.5], [3.0 ** 0.5]])
+    scale = 0.7
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([
+        nearest_codes(x, codes, chunk_size=2, per_code="sample", logit_scale=scale, generator=gen).code_arg[0]
+        for _ in range(4000)
+    ])
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    expected = torch.softmax(-scale * torch.arange(4.0, dtype=torch.float64), 0)
+    torch.testing.assert_close(freq, expected, atol=0.025, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses, EMA and statistics
+# ---------------------------------------------------------------------------------------
+
+
+def _one_row_input(*points: tuple[float, float]) -> torch.Tensor:
+    """(1, 2, 1, n) latents whose rows are ``points``."""
+    return torch.tensor(points, dtype=torch.float32).T.reshape(1, 2, 1, len(points))
+
+
+def test_ema_update_matches_hand_computation() -> None:
+    q = VectorQuantizer(dim=2, num_codes=2, ema=True, ema_decay=0.5, ema_eps=0.0, beta=0.25)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        q.embed_sum.copy_(q.weight)
+    out = q(_one_row_input((1, 0), (0, 1), (9, 9)))
+    assert out.indices.tolist() == [[[0, 0, 1]]]
+    # commitment only: β · mean((x − q)²) = 0.25 · (1 + 1 + 2)/6
+    assert out.loss.item() == pytest.approx(0.25 * 4 / 6)
+    # cluster sizes 0.5·[1, 1] + 0.5·[2, 1]; sums 0.5·codes + 0.5·[[1, 1], [9, 9]]
+    torch.testing.assert_close(q.cluster_size, torch.tensor([1.5, 1.0]))
+    torch.testing.assert_close(q.embed_sum, torch.tensor([[0.5, 0.5], [9.5, 9.5]]))
+    torch.testing.assert_close(q.weight, torch.tensor([[1 / 3, 1 / 3], [9.5, 9.5]]))
+    # a second step: code 1 unused, cluster size 0.5, sums 0.5·[9.5, 9.5] → it stays at 9.5
+    q(_one_row_input((1, 1), (1, 1)))
+    torch.testing.assert_close(q.cluster_size, torch.tensor([1.75, 0.5]))
+    torch.testing.assert_close(q.weight, torch.tensor([[(0.25 + 1) / 1.75] * 2, [9.5, 9.5]]))
+
+    # Laplace smoothing: (c + ε)/(n + Kε)·n
+    q = VectorQuantizer(dim=2, num_codes=2, ema=True, ema_decay=0.5, ema_eps=0.1)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        q.embed_sum.copy_(q.weight)
+    q(_one_row_input((1, 0), (0, 1), (9, 9)))
+    smoothed = (torch.tensor([1.5, 1.0]) + 0.1) / (2.5 + 0.2) * 2.5
+    torch.testing.assert_close(q.weight, torch.tensor([[0.5, 0.5], [9.5, 9.5]]) / smoothed[:, None])
+    # eval mode leaves the EMA state alone
+    q.eval()
+    before = q.weight.clone()
+    q(_one_row_input((5, 5)))
+    assert torch.equal(q.weight, before)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_beta_weighs_commitment_unless_legacy(legacy: bool) -> None:
+    q = VectorQuantizer(dim=2, num_codes=2, beta=0.25, legacy=legacy)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    z = _one_row_input((1, 0), (0, 2)).requires_grad_(True)
+    out = q(z)
+    out.loss.backward()
+    n = 4  # elements
+    codebook_w, commit_w = (0.25, 1.0) if legacy else (1.0, 0.25)
+    # d/dq of w·mean((q − x)²) = 2w(q − x)/n, summed over the rows assigned to code 0
+    torch.testing.assert_close(q.weight.grad[0], codebook_w * 2 * torch.tensor([-1.0, -2.0]) / n)
+    torch.testing.assert_close(z.grad.reshape(2, 2).T, commit_w * 2 * torch.tensor([[1.0, 0.0], [0.0, 2.0]]) / n)
+    assert out.loss.item() == pytest.approx((1 + 0.25) * 5 / 4)
+
+
+def test_straight_through_gradient_is_identity() -> None:
+    q = VectorQuantizer(dim=DIM, num_codes=8)
+    z = _latents().requires_grad_(True)
+    g = torch.randn_like(z)
+    (q(z).z_q * g).sum().backward()
+    torch.testing.assert_close(z.grad, g)
+
+
+def test_perplexity_usage_and_histogram_by_hand() -> None:
+    q = VectorQuantizer(dim=2, num_codes=4)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]]))
+    out = q(_one_row_input((0.1, 0), (0, 0.2), (4.8, 0.1), (0.3, 5.1)))
+    assert out.indices.reshape(-1).tolist() == [0, 0, 1, 2]
+    # frequencies ½, ¼, ¼, 0: entropy 1.5·ln 2, perplexity 2^1.5
+    assert out.stats["perplexity"].item() == pytest.approx(2 ** 1.5, rel=1e-5)
+    assert out.stats["usage"].item() == pytest.approx(0.75)
+    q.eval()
+    q(_one_row_input((5, 5)))
+    assert q.usage_histogram.tolist() == [2, 1, 1, 1]
+    assert q.usage_fraction() == 1.0
+    q.reset_usage()
+    assert q.usage_fraction() == 0.0 and q.usage_histogram.sum() == 0
+
+
+def test_factorised_codes_are_unit_vectors_in_low_dim() -> None:
+    q = VectorQuantizer(dim=DIM, num_codes=32, code_dim=4)
+    assert q.lookup_codebook.shape == (32, 4)
+    torch.testing.assert_close(q.lookup_codebook.norm(dim=1), torch.ones(32))
+    out = q(_latents())
+    out.loss.backward()
+    assert q.project_in.weight.grad.abs().sum() > 0 and q.weight.grad.abs().sum() > 0
+    q.eval()
+    torch.testing.assert_close(q.codebook, q.project_out(q.lookup_codebook))
+
+
+# ---------------------------------------------------------------------------------------
+# CVQ
+# ---------------------------------------------------------------------------------------
+
+
+def _clustered_data(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, DIM, generator=gen)
+    pts = centres[torch.randint(6, (256,), generator=gen)] + 0.05 * torch.randn(256, DIM, generator=gen)
+    return pts.T.reshape(1, DIM, 16, 16)
+
+
+@pytest.mark.parametrize("anchor,distance", [("closest", "l2"), ("random", "l2"), ("probrandom", "l2"),
+                                             ("probrandom", "cosine"), ("closest", "cosine")])
+def test_cvq_moves_dead_codes_to_the_data(anchor: str, distance: str) -> None:
+    torch.manual_seed(0)
+    z = _clustered_data()
+    data = z.movedim(1, -1).reshape(-1, DIM)
+    q = ClusteredVectorQuantizer(dim=DIM, num_codes=16, anchor=anchor, distance=distance)
+    with torch.no_grad():
+        q.weight.copy_(data[:16])
+        q.weight[8:] = -data[:8] * 40 if distance == "cosine" else 40.0  # unreachable codes
+    dead_before = q.weight[8:].clone()
+    q.eval()
+    assert q(z).indices.unique().max() < 8  # no feature is nearest to the dead codes
+    q.train()
+    q(z)
+    moved = q.weight[8:].detach()
+    gap = torch.cdist(moved, data).min(1).values
+    assert (moved - dead_before).norm(dim=1).min() > 1.0
+    # unused (p_k = 0) codes are pulled with weight exp(-1e-3): they now sit on a feature
+    assert gap.max() < 0.05 * data.norm(dim=1).mean()
+    for _ in range(3):
+        q(z)
+    assert torch.isfinite(q.weight).all()
+    q.eval()
+    assert q(z).indices.unique().numel() > 8  # the revived codes are used
+
+
+def test_cvq_reanchoring_matches_the_formula() -> None:
+    q = ClusteredVectorQuantizer(dim=2, num_codes=2, distance="l2", anchor="closest")
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0]]))
+    out = q(_one_row_input((1, 0), (0, 2), (0, 0.5)))
+    assert out.indices.reshape(-1).tolist() == [0, 0, 0]
+    torch.testing.assert_close(q.usage_ema, torch.tensor([0.01, 0.0]))
+    w = torch.exp(-torch.tensor([0.01, 0.0]) * 2 * 10 / 0.01 - 1e-3)
+    expected = torch.stack([w[0] * torch.tensor([0.0, 0.5]),  # closest feature to (0, 0)
+                            (1 - w[1]) * torch.tensor([50.0, 50.0]) + w[1] * torch.tensor([0.0, 2.0])])
+    torch.testing.assert_close(q.weight.detach(), expected)
+    # eval mode: no statistics, no re-anchoring
+    q.eval()
+    before = q.weight.clone()
+    q(_one_row_input((7, 7)))
+    assert torch.equal(q.weight, before)
+
+
+def test_cvq_first_batch_anchors_once() -> None:
+    q = ClusteredVectorQuantizer(dim=DIM, num_codes=16, anchor="random", first_batch=True)
+    z = _clustered_data()
+    q(z)
+    after_first = q.weight.detach().clone()
+    assert bool(q.anchored)
+    q(z)
+    torch.testing.assert_close(q.weight.detach(), after_first)
+
+
+def test_cvq_contrastive_term_matches_a_full_sort() -> None:
+    torch.manual_seed(0)
+    q = ClusteredVectorQuantizer(dim=4, num_codes=5, distance="cosine", contrastive=True, chunk_size=40)
+    x = torch.randn(20, 4)
+    weight = q.weight.detach().clone().requires_grad_(True)
+    value = q._contrastive(x, weight)
+    value.backward()
+    # reference: similarities sorted along the features, as in CVQ-VAE
+    w = weight.detach().clone().requires_grad_(True)
+    d = F.normalize(x, dim=1) @ F.normalize(w, dim=1).T  # (N, K)
+    s = d.sort(dim=0).values
+    pos = s[-max(1, 20 // 5):].mean(0, keepdim=True)
+    neg = s[: 20 // 2]
+    logits = torch.cat([pos, neg], 0).T / 0.07
+    ref = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    ref.backward()
+    torch.testing.assert_close(value, ref)
+    torch.testing.assert_close(weight.grad, w.grad)
+
+
+def test_quantizers_are_fp32_under_autocast() -> None:
+    z = _latents()
+    for q in (VectorQuantizer(dim=DIM, num_codes=32, code_dim=4), ClusteredVectorQuantizer(dim=DIM, num_codes=32)):
+        q.eval()
+        ref = q(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = q(z.bfloat16())
+        assert out.z_q.dtype == torch.float32 and out.loss.dtype == torch.float32
+        # the bf16 input rounds the latents, but the code math itself stays fp32
+        agree = (out.indices == ref.indices).float().mean()
+        assert agree > 0.9
+        assert torch.equal(out.z_q, q.embed(out.indices))
+
+
+def test_usage_stat_is_global_sum_of_counts() -> None:
+    # single process: the collective is a no-op, the stats come from the local counts
+    q = VectorQuantizer(dim=DIM, num_codes=64)
+    out = q(_latents())
+    counts = torch.bincount(out.indices.reshape(-1), minlength=64)
+    assert out.stats["usage"].item() == pytest.approx((counts > 0).float().mean().item())
+    p = counts.double() / counts.sum()
+    assert out.stats["perplexity"].item() == pytest.approx(math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), rel=1e-5)
