@@ -17,7 +17,6 @@ The cache is a plain object, not an ``nn.Module``: it is never part of a ``state
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import uuid
@@ -72,7 +71,8 @@ class TextFeatureCache:
         cache_dir: folder for the on-disk cache (created if needed); ``None`` keeps
             features in memory only. Shards already there for this encoder are used.
         flush_every: write pending rows to a new shard once this many have accumulated
-            (they are also written by :meth:`save`, on ``with`` exit and at interpreter exit).
+            (they are also written by :meth:`save`, on ``with`` exit, and when the cache is
+            garbage-collected or the interpreter exits).
         max_memory_rows: keep at most this many rows in memory (least recently used are
             dropped; with a disk cache they are read back from disk when needed, without it
             they are encoded again). ``None``: no limit.
@@ -103,7 +103,6 @@ class TextFeatureCache:
         self.max_memory_rows = max_memory_rows
         self._stats = CacheStats()
         self._memory: OrderedDict[str, _Row] = OrderedDict()
-        self._pending: list[str] = []  # keys computed here and not yet on disk
         self._disk_index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
         self._shards: list[Any] = []  # open safe_open handles (memory-mapped)
         self.directory: Path | None = None
@@ -112,9 +111,11 @@ class TextFeatureCache:
             self.directory = Path(cache_dir) / namespace
             self.directory.mkdir(parents=True, exist_ok=True)
             self._load_shards()
-            # Flush what is pending when the interpreter exits; the weak reference lets an
-            # unused cache be garbage-collected as usual.
-            atexit.register(_save_if_alive, weakref.ref(self))
+        self._writer = _ShardWriter(self.directory, self.identity, self.max_length)
+        # Rows not yet on disk are written when the cache is garbage-collected or the
+        # interpreter exits, whichever comes first; the writer holds no reference to the
+        # cache, so this does not keep it alive.
+        weakref.finalize(self, self._writer.flush_quietly)
 
     # -- keys -------------------------------------------------------------------------
     def key(self, caption: str) -> str:
@@ -125,12 +126,11 @@ class TextFeatureCache:
     def __contains__(self, caption: object) -> bool:
         if not isinstance(caption, str):
             return False
-        key = self.key(caption)
-        return key in self._memory or key in self._disk_index
+        return self._known(self.key(caption))
 
     def __len__(self) -> int:
         """Number of distinct captions available (memory and disk)."""
-        return len(self._disk_index.keys() | self._memory.keys())
+        return len(self._disk_index.keys() | self._memory.keys() | self._writer.pending.keys())
 
     @property
     def stats(self) -> CacheStats:
@@ -180,7 +180,7 @@ class TextFeatureCache:
         for caption in captions:
             caption = str(caption)
             key = self.key(caption)
-            if key not in self._memory and key not in self._disk_index:
+            if not self._known(key):
                 todo.setdefault(key, caption)
         items = list(todo.items())
         starts = range(0, len(items), batch_size)
@@ -201,32 +201,10 @@ class TextFeatureCache:
 
         Returns the shard's path, or None when there was nothing to write or no ``cache_dir``.
         """
-        if self.directory is None or not self._pending:
-            return None
-        keys = [k for k in self._pending if k in self._memory]
-        rows = [self._memory[k] for k in keys]
-        tensors = {
-            "keys": torch.frombuffer(bytearray(b"".join(bytes.fromhex(k) for k in keys)),
-                                     dtype=torch.uint8).reshape(len(keys), 32),
-            "token_feats": torch.stack([r.token_feats for r in rows]),
-            "global_feat": torch.stack([r.global_feat for r in rows]),
-            "ids": torch.stack([r.ids for r in rows]),
-            "lengths": torch.stack([r.length for r in rows]),
-            "special_mask": torch.stack([r.special_mask for r in rows]),
-        }
-        metadata = {"format": FORMAT, "identity": self.identity, "max_length": str(self.max_length),
-                    "rows": str(len(keys))}
-        path = self.directory / f"features-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")  # not *.safetensors: never read half-written
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        self._pending.clear()
-        self._open_shard(path)
-        self._stats.shards_written += 1
+        path = self._writer.flush()
+        if path is not None:
+            self._open_shard(path)
+            self._stats.shards_written += 1
         return path
 
     def __enter__(self) -> "TextFeatureCache":
@@ -241,10 +219,17 @@ class TextFeatureCache:
                 f"captions={len(self)}, {where})")
 
     # -- internals --------------------------------------------------------------------
+    def _known(self, key: str) -> bool:
+        return key in self._memory or key in self._disk_index or key in self._writer.pending
+
     def _lookup(self, key: str) -> _Row | None:
         row = self._memory.get(key)
         if row is not None:
             self._memory.move_to_end(key)
+            return row
+        row = self._writer.pending.get(key)  # evicted from memory before it reached disk
+        if row is not None:
+            self._memory[key] = row
             return row
         where = self._disk_index.get(key)
         if where is None:
@@ -271,17 +256,15 @@ class TextFeatureCache:
                        t.lengths[i].long().clone(), t.special_mask[i].bool().clone())
             new[key] = row
             self._memory[key] = row
-            if self.directory is not None:
-                self._pending.append(key)
-        if self.directory is not None and len(self._pending) >= self.flush_every:
+            self._writer.add(key, row)
+        if len(self._writer) >= self.flush_every:
             self.save()
         return new
 
     def _trim_memory(self) -> None:
         if self.max_memory_rows is None or len(self._memory) <= self.max_memory_rows:
             return
-        if self._pending:
-            self.save()  # never drop rows that exist nowhere else
+        # Rows waiting for the writer stay reachable there, so evicting them loses nothing.
         while len(self._memory) > self.max_memory_rows:
             self._memory.popitem(last=False)
 
@@ -319,10 +302,55 @@ def _assemble(rows: list[_Row]) -> TextFeatures:
     )
 
 
-def _save_if_alive(ref: "weakref.ReferenceType[TextFeatureCache]") -> None:
-    cache = ref()
-    if cache is not None:
+class _ShardWriter:
+    """Rows computed but not yet on disk, and the atomic write of a shard.
+
+    Kept apart from the cache so that a finalizer can flush it without keeping the cache
+    alive."""
+
+    def __init__(self, directory: Path | None, identity: str, max_length: int) -> None:
+        self.directory = directory
+        self.identity = identity
+        self.max_length = max_length
+        self.pending: dict[str, _Row] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, key: str, row: _Row) -> None:
+        if self.directory is not None:
+            self.pending[key] = row
+
+    def flush(self) -> Path | None:
+        if self.directory is None or not self.pending:
+            return None
+        keys = list(self.pending)
+        rows = list(self.pending.values())
+        tensors = {
+            "keys": torch.frombuffer(bytearray(b"".join(bytes.fromhex(k) for k in keys)),
+                                     dtype=torch.uint8).reshape(len(keys), 32),
+            "token_feats": torch.stack([r.token_feats for r in rows]),
+            "global_feat": torch.stack([r.global_feat for r in rows]),
+            "ids": torch.stack([r.ids for r in rows]),
+            "lengths": torch.stack([r.length for r in rows]),
+            "special_mask": torch.stack([r.special_mask for r in rows]),
+        }
+        metadata = {"format": FORMAT, "identity": self.identity, "max_length": str(self.max_length),
+                    "rows": str(len(keys))}
+        path = self.directory / f"features-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")  # not *.safetensors: never read half-written
         try:
-            cache.save()
-        except Exception as exc:  # noqa: BLE001 - exiting anyway; say what was lost
-            warnings.warn(f"TextFeatureCache: could not save pending features at exit ({exc})", stacklevel=1)
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self.pending.clear()
+        return path
+
+    def flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - at exit or in GC: say what was lost, don't raise
+            warnings.warn(f"TextFeatureCache: could not save {len(self.pending)} pending caption "
+                          f"features to {self.directory} ({exc})", stacklevel=1)

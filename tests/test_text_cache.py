@@ -1,0 +1,233 @@
+"""TextFeatureCache: one encoder run per unique caption, disk reuse, identity isolation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lgvq_plugins.interfaces import TextFeatures, TextTokens
+from lgvq_plugins.text_cache import TextFeatureCache
+
+pytest.importorskip("open_clip")
+from lgvq_plugins.text_clip import OpenCLIPTextEncoder  # noqa: E402
+
+TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+CAPTIONS = ["a red circle", "a blue square", "a red circle", "hello !$ world", "a blue square", ""]
+
+
+def tiny_clip(seed: int = 0, **kwargs) -> OpenCLIPTextEncoder:
+    torch.manual_seed(seed)
+    return OpenCLIPTextEncoder("ViT-B-32", text_cfg=TINY_TEXT, embed_dim=32, **kwargs)
+
+
+class CountingEncoder:
+    """Delegates to a real encoder and records every batch it is asked to encode."""
+
+    def __init__(self, encoder):
+        self.inner = encoder
+        self.batches: list[list[str]] = []
+        self._last: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def tokenize(self, captions: list[str]) -> TextTokens:
+        self._last = list(captions)
+        return self.inner.tokenize(captions)
+
+    def encode(self, tokens: TextTokens) -> TextFeatures:
+        self.batches.append(self._last)
+        return self.inner.encode(tokens)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return tiny_clip()
+
+
+def shards(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.safetensors"))
+
+
+def test_encoder_runs_once_per_unique_caption(encoder):
+    counting = CountingEncoder(encoder)
+    cache = TextFeatureCache(counting)
+    feats = cache(CAPTIONS, "cpu")
+    assert counting.batches == [["a red circle", "a blue square", "hello !$ world", ""]]
+    assert feats.token_feats.shape == (6, 30, 64) and feats.global_feat.shape == (6, 32)
+    assert torch.equal(feats.token_feats[0], feats.token_feats[2])  # duplicates share the row
+
+    cache(["a blue square", "a green star", "a green star", ""], "cpu")
+    assert counting.batches[1:] == [["a green star"]]  # only the miss, once
+    cache(["a green star", "a red circle"], "cpu")
+    assert len(counting.batches) == 2
+    stats = cache.stats
+    assert (stats.encoder_calls, stats.captions_encoded) == (2, 5)
+    assert (stats.misses, stats.hits, stats.disk_hits) == (5, 2 + 2, 0)
+    assert len(cache) == 5 and "a green star" in cache and "never seen" not in cache
+
+
+def test_cached_features_equal_direct_encoding(encoder):
+    cache = TextFeatureCache(encoder)
+    cache(["a blue square", "zebra"])  # different batch composition first
+    feats = cache(CAPTIONS)
+    direct = encoder.encode(encoder.tokenize(CAPTIONS))
+    assert feats.token_feats.dtype == torch.float32 and feats.token_feats.device.type == "cpu"
+    torch.testing.assert_close(feats.token_feats, direct.token_feats, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats.global_feat, direct.global_feat, rtol=1e-5, atol=1e-6)
+    assert torch.equal(feats.tokens.ids, direct.tokens.ids)
+    assert torch.equal(feats.lengths, direct.lengths)
+    assert torch.equal(feats.tokens.special_mask, direct.tokens.special_mask)
+    assert feats.tokens.ids.dtype == torch.int64 and feats.tokens.special_mask.dtype == torch.bool
+
+
+def test_features_are_stored_in_fp32_on_cpu(encoder):
+    class HalfPrecision(CountingEncoder):
+        def encode(self, tokens):
+            f = super().encode(tokens)
+            return TextFeatures(f.token_feats.bfloat16(), f.global_feat.bfloat16(), f.tokens)
+
+    cache = TextFeatureCache(HalfPrecision(encoder))
+    feats = cache(["a red circle"])
+    assert feats.token_feats.dtype == torch.float32 and feats.global_feat.dtype == torch.float32
+
+
+def test_disk_cache_is_reused_without_encoding(encoder, tmp_path):
+    first = TextFeatureCache(encoder, tmp_path)
+    expected = first(CAPTIONS)
+    written = first.save()
+    assert written is not None and written.exists() and written.suffix == ".safetensors"
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic write left no temporary file
+
+    counting = CountingEncoder(encoder)
+    second = TextFeatureCache(counting, tmp_path)
+    assert len(second) == 4
+    got = second(CAPTIONS)
+    assert counting.batches == []
+    assert second.stats.disk_hits == 4 and second.stats.encoder_calls == 0
+    for a, b in ((got.token_feats, expected.token_feats), (got.global_feat, expected.global_feat),
+                 (got.tokens.ids, expected.tokens.ids), (got.lengths, expected.lengths),
+                 (got.tokens.special_mask, expected.tokens.special_mask)):
+        assert torch.equal(a, b)
+
+
+def test_other_identity_or_length_never_reuses(encoder, tmp_path):
+    with TextFeatureCache(encoder, tmp_path) as first:  # ``with`` saves on exit
+        first(CAPTIONS)
+    assert len(shards(tmp_path)) == 1
+
+    other = CountingEncoder(tiny_clip(seed=1))
+    assert other.identity != encoder.identity
+    cache = TextFeatureCache(other, tmp_path)
+    assert len(cache) == 0
+    cache(["a red circle"])
+    assert other.batches == [["a red circle"]]
+
+    shorter = CountingEncoder(encoder)
+    shorter.inner = tiny_clip(seed=0, max_length=8)
+    assert shorter.identity == encoder.identity and shorter.max_length == 8
+    cache = TextFeatureCache(shorter, tmp_path)
+    assert len(cache) == 0
+    assert cache(["a red circle"]).token_feats.shape == (1, 8, 64)
+
+
+def test_shard_with_foreign_metadata_is_ignored(encoder, tmp_path):
+    """Even a shard copied into this encoder's folder is used only if its metadata match."""
+    foreign = TextFeatureCache(tiny_clip(seed=1), tmp_path)
+    foreign(CAPTIONS)
+    shard = foreign.save()
+    mine = TextFeatureCache(encoder, tmp_path)
+    (mine.directory / shard.name).write_bytes(shard.read_bytes())
+    again = TextFeatureCache(encoder, tmp_path)
+    assert len(again) == 0
+
+
+def test_automatic_flush_and_warm(encoder, tmp_path):
+    counting = CountingEncoder(encoder)
+    cache = TextFeatureCache(counting, tmp_path, flush_every=2)
+    cache(["one", "two", "three"])
+    assert len(shards(tmp_path)) == 1  # flushed without an explicit save()
+    assert cache.save() is not None or cache.stats.shards_written == 1
+
+    warm_captions = [f"caption number {i}" for i in range(5)] * 2 + ["one"]
+    assert cache.warm(warm_captions, batch_size=2) == 5
+    assert [len(b) for b in counting.batches[1:]] == [2, 2, 1]
+    assert cache.warm(warm_captions, batch_size=2) == 0
+    calls = len(counting.batches)
+    cache(warm_captions)
+    assert len(counting.batches) == calls
+
+    reloaded = TextFeatureCache(encoder, tmp_path)
+    assert len(reloaded) == 8  # one, two, three + five warmed
+
+
+def test_memory_limit_reads_back_from_disk(encoder, tmp_path):
+    counting = CountingEncoder(encoder)
+    cache = TextFeatureCache(counting, tmp_path, max_memory_rows=2)
+    expected = cache(["a", "b", "c", "d"])
+    assert len(cache._memory) == 2
+    again = cache(["a"])  # evicted but not yet on disk: served from the pending rows
+    assert len(counting.batches) == 1 and cache.stats.disk_hits == 0
+    assert torch.equal(again.token_feats[0], expected.token_feats[0])
+    cache.save()
+    again = cache(["b", "c", "d"])  # b, c were evicted by now: read back from the shard
+    assert len(counting.batches) == 1 and cache.stats.disk_hits == 2
+    assert torch.equal(again.token_feats, expected.token_feats[1:])
+
+    memory_only = CountingEncoder(encoder)
+    cache = TextFeatureCache(memory_only, max_memory_rows=2)
+    cache(["a", "b", "c"])
+    cache(["a"])
+    assert memory_only.batches == [["a", "b", "c"], ["a"]]  # evicted rows are encoded again
+
+
+def test_cache_is_never_in_a_state_dict(encoder):
+    holder = torch.nn.Module()
+    holder.head = torch.nn.Linear(2, 2)
+    holder.text_cache = TextFeatureCache(encoder)
+    holder.text_cache(["a red circle"])
+    assert not isinstance(holder.text_cache, torch.nn.Module)
+    assert set(holder.state_dict()) == {"head.weight", "head.bias"}
+
+
+def test_key_depends_on_identity_length_and_text(encoder):
+    cache = TextFeatureCache(encoder)
+    assert cache.key("a") != cache.key("a ")
+    assert len(cache.key("a")) == 64
+    other = TextFeatureCache(tiny_clip(seed=0, max_length=8))
+    assert other.key("a") != cache.key("a")
+
+
+def test_pending_rows_are_written_at_exit(tmp_path):
+    """A process that never calls save() still leaves its features on disk."""
+    script = textwrap.dedent(f"""
+        import torch
+        from lgvq_plugins.interfaces import TextFeatures, TextTokens
+        from lgvq_plugins.text_cache import TextFeatureCache
+
+        class Fake:
+            identity, max_length, width, global_width = "fake-v1", 4, 3, 2
+            special_token_ids = frozenset({{1, 2}})
+            def tokenize(self, captions):
+                n = len(captions)
+                ids = torch.tensor([[1, 5, 2, 0]] * n)
+                return TextTokens(ids, torch.full((n,), 3), ids > 0)
+            def encode(self, tokens):
+                n = tokens.ids.shape[0]
+                return TextFeatures(torch.ones(n, 4, 3), torch.zeros(n, 2), tokens)
+
+        TextFeatureCache(Fake(), {str(tmp_path)!r})(["x", "y"])
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    found = shards(tmp_path)
+    assert len(found) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(found[0]), framework="pt") as f:
+        assert f.metadata()["identity"] == "fake-v1"
+        assert f.get_tensor("token_feats").shape == (2, 4, 3)
