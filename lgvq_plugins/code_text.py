@@ -151,13 +151,15 @@ class TextDecoder(nn.Module):
         if length > self.max_length:
             raise ValueError(f"captions have {length} tokens but the text decoder was built for "
                              f"{self.max_length} (the text encoder's max_length)")
-        x = torch.where(mask[..., None], self.mask_embed[:length].to(token_feats.dtype), token_feats)
+        # Cached features are fp32; follow the decoder's own dtype (autocast still applies).
+        dtype = self.mask_embed.dtype
+        x = torch.where(mask[..., None], self.mask_embed[:length], token_feats.to(dtype))
         # A caption with no real token at all would leave a query row with every key masked
         # (NaN softmax); keep its first position visible instead.
         padding_mask = padding_mask.clone()
         padding_mask[:, 0] &= ~padding_mask.all(dim=1)
         for layer in self.layers:
-            x = layer(x, visual_tokens.to(x.dtype), tgt_key_padding_mask=padding_mask)
+            x = layer(x, visual_tokens.to(dtype), tgt_key_padding_mask=padding_mask)
         return x
 
 

@@ -30,6 +30,11 @@ from .masking import MaskingRule, sample_mlm_mask
 NORM_EPS = 1e-6
 
 
+def _fp32(x: Tensor) -> Tensor:
+    """``x`` in at least fp32 (half precision is upcast; float64 is kept)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _require_text(guided: GuidedOutput, loss: str) -> TextFeatures:
     if guided.text is None or guided.visual_tokens is None:
         raise ValueError(f"alignment loss {loss!r} needs caption features and visual tokens; "
@@ -65,8 +70,8 @@ def info_nce(visual: Tensor, text: Tensor, *, temperature: float = 1.0, symmetri
 
     Computed in fp32 with ``cross_entropy`` (never ``log(exp/sum)``).
     """
-    v = F.normalize(visual.float(), dim=-1, eps=eps)
-    g = F.normalize(text.detach().float(), dim=-1, eps=eps)
+    v = F.normalize(_fp32(visual), dim=-1, eps=eps)
+    g = F.normalize(_fp32(text.detach()), dim=-1, eps=eps)
     labels = torch.arange(v.shape[0], device=v.device) + rank() * v.shape[0]
     loss = F.cross_entropy(v @ all_gather_cat(g).T / temperature, labels)
     if symmetric:
@@ -175,7 +180,7 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
         guided.extras["mtp"] = {"mask": mask, "ratio": ratio, "logits": logits, "targets": targets}
         if targets.numel() == 0:  # no caption has a maskable token: a zero that keeps the graph
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(_fp32(logits), targets, label_smoothing=self.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,12 +213,13 @@ def relationship_alignment(token_feats: Tensor, visual_tokens: Tensor, z_q: Tens
     Returns:
         ``(loss, n_star)`` with ``n_star`` (B, L) the chosen visual position of each word.
     """
-    t = F.normalize(token_feats.float(), dim=-1, eps=eps)
-    v = F.normalize(visual_tokens.float(), dim=-1, eps=eps)
+    dtype = torch.promote_types(torch.promote_types(token_feats.dtype, visual_tokens.dtype), torch.float32)
+    t = F.normalize(token_feats.to(dtype), dim=-1, eps=eps)
+    v = F.normalize(visual_tokens.to(dtype), dim=-1, eps=eps)
     a, n_star = torch.einsum("bld,bnd->bln", t, v).max(dim=-1)  # (B, L) each
     codes = rearrange(z_q, "b d h w -> b (h w) d")
     codes = torch.gather(codes, 1, n_star[..., None].expand(-1, -1, codes.shape[-1]))  # (B, L, Dq)
-    c = project(codes).float()
+    c = _fp32(project(codes))
     if weight_by_similarity:
         c = c * a[..., None]
     c = F.normalize(c, dim=-1, eps=eps)

@@ -371,3 +371,16 @@ def test_losses_are_registered():
 
     assert {"gsa", "mtp", "ras"} <= set(lgvq_plugins.list_alignment_losses())
     assert isinstance(lgvq_plugins.create_alignment_loss("gsa", temperature=0.5), GlobalSemanticAlignment)
+
+
+@pytest.mark.ddp
+def test_gsa_gathers_negatives_across_ranks():
+    """2 gloo processes: rank-averaged L_gsa (and its gradients) equal the single-process
+    loss over the concatenated batch."""
+    from pathlib import Path
+
+    from ddp import torchrun
+
+    script = Path(__file__).resolve().parent / "scripts" / "gsa_ddp_worker.py"
+    proc = torchrun([str(script)], nproc=2, timeout=120)
+    assert "rank 0: gsa ddp ok" in proc.stdout and "rank 1: gsa ddp ok" in proc.stdout
