@@ -67,6 +67,18 @@ def _mix(*values: int) -> int:
     return h
 
 
+def _lone_object_split(layout: scene_mod.Layout, size: int) -> int:
+    """The split a one-object scene may appear in: a hash of what its label maps show
+    (shape, colour, pixel box), cut 90 / 5 / 5 %. A lone object has only ~10^6 distinct
+    renderings, so independent streams would put the same layout into two splits a few
+    times; this makes that impossible. (With two or more objects there are too many
+    renderings for a repeat, and no filter is applied.)"""
+    box = scene_mod.rasterise(int(layout.shape[0]), float(layout.centre[0, 0]), float(layout.centre[0, 1]),
+                              float(layout.half[0]), size)[3]
+    bucket = _mix(int(layout.shape[0]), int(layout.colour[0]), size, *box) % 100
+    return 0 if bucket < 90 else 1 if bucket < 95 else 2
+
+
 class ShapesDataset(Dataset):
     """Procedural scenes of 1–``max_objects`` coloured shapes with matching language.
 
@@ -129,6 +141,10 @@ class ShapesDataset(Dataset):
                   ) -> tuple[scene_mod.Layout, scene_mod.Rendered, Facts, np.random.Generator]:
         rng = self._rng(index)
         layout = scene_mod.sample_layout(rng, self.size, self.min_objects, self.max_objects)
+        if len(layout.shape) == 1:
+            split_id = SPLITS[self.split]
+            while _lone_object_split(layout, self.size) != split_id:
+                layout = scene_mod.relocate(rng, layout, self.size)
         rendered = scene_mod.render(layout, self.size, signed=signed)
         facts = Facts(layout.shape, layout.colour, layout.large, layout.centre, self.size,
                       self.relation_margin)

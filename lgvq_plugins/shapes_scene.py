@@ -200,6 +200,32 @@ def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape index {shape}")
 
 
+def rasterise(shape: int, cx: float, cy: float, half: float, size: int
+              ) -> tuple[int, int, np.ndarray, tuple[int, int, int, int]]:
+    """One object's mask: ``(x0, y0, mask, box)`` with ``mask`` (h, w) bool covering the
+    window whose top-left pixel is (x0, y0), and ``box`` the tight (x0, y0, x1, y1) of its
+    pixels (x1, y1 exclusive)."""
+    # Only the object's square extent (plus a pixel) can hold its pixels.
+    x0, x1 = max(int(cx - half), 0), min(math.ceil(cx + half) + 1, size)
+    y0, y1 = max(int(cy - half), 0), min(math.ceil(cy + half) + 1, size)
+    u = ((_PIXEL_CENTRES[x0:x1] - cx) / half)[None, :]  # (1, w)
+    v = ((_PIXEL_CENTRES[y0:y1] - cy) / half)[:, None]  # (h, 1)
+    mask = _inside(shape, u, v)  # (h, w) by broadcasting
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    box = (x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1)
+    return x0, y0, mask, box
+
+
+def relocate(rng: np.random.Generator, layout: Layout, size: int) -> Layout:
+    """The same single-object layout with a new random centre (used to move a lone object
+    into its split's share of positions; see ``lgvq_plugins.shapes``)."""
+    if len(layout.shape) != 1:
+        raise ValueError("relocate() moves the object of a one-object layout only")
+    h = float(layout.half[0])
+    centre = h + 1.0 + rng.random((1, 2)) * (size - 2.0 * h - 2.0)
+    return layout._replace(centre=centre)
+
+
 def render(layout: Layout, size: int, *, signed: bool = False) -> Rendered:
     """Rasterise ``layout`` at ``size``×``size``: object-id image, then lookup tables.
     ``signed=True`` gives the image in [-1, 1] instead of [0, 1] (scaled in the palette,
@@ -210,15 +236,8 @@ def render(layout: Layout, size: int, *, signed: bool = False) -> Rendered:
     centres, halves = layout.centre.tolist(), layout.half.tolist()
     for i in range(n):  # a loop over the (≤ a few) objects; each mask is one array expression
         (cx, cy), h = centres[i], halves[i]
-        # Only the object's square extent (plus a pixel) can hold its pixels.
-        x0, x1 = max(int(cx - h), 0), min(math.ceil(cx + h) + 1, size)
-        y0, y1 = max(int(cy - h), 0), min(math.ceil(cy + h) + 1, size)
-        u = ((_PIXEL_CENTRES[x0:x1] - cx) / h)[None, :]  # (1, w)
-        v = ((_PIXEL_CENTRES[y0:y1] - cy) / h)[:, None]  # (h, 1)
-        mask = _inside(int(layout.shape[i]), u, v)  # (h, w) by broadcasting
-        objects[y0:y1, x0:x1][mask] = i + 1
-        cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-        boxes[i] = (x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1)
+        x0, y0, mask, boxes[i] = rasterise(int(layout.shape[i]), cx, cy, h, size)
+        objects[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]][mask] = i + 1
 
     palette = np.empty((3, n + 1), dtype=np.float32)  # column 0 is the background
     palette[:, 0] = layout.background
