@@ -243,6 +243,9 @@ class TextFeatureCache:
 
     def _encode(self, keys: list[str], captions: list[str]) -> dict[str, _Row]:
         tokens = self.encoder.tokenize(captions)
+        device = _module_device(self.encoder)
+        if device is not None:  # the built-ins move tokens themselves; a third party may not
+            tokens = tokens.to(device)
         features = self.encoder.encode(tokens)
         self._stats.encoder_calls += 1
         self._stats.captions_encoded += len(captions)
@@ -287,6 +290,14 @@ class TextFeatureCache:
         self._shards.append(handle)
         for row, digest in enumerate(keys.numpy()):
             self._disk_index.setdefault(digest.tobytes().hex(), (shard, row))
+
+
+def _module_device(encoder: Any) -> torch.device | None:
+    if isinstance(encoder, torch.nn.Module):
+        param = next(encoder.parameters(), None)
+        if param is not None:
+            return param.device
+    return None
 
 
 def _assemble(rows: list[_Row]) -> TextFeatures:
