@@ -35,6 +35,14 @@ def _fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _common_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype to compute a loss in: at least fp32, and wide enough for every input."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _require_text(guided: GuidedOutput, loss: str) -> TextFeatures:
     if guided.text is None or guided.visual_tokens is None:
         raise ValueError(f"alignment loss {loss!r} needs caption features and visual tokens; "
@@ -70,8 +78,9 @@ def info_nce(visual: Tensor, text: Tensor, *, temperature: float = 1.0, symmetri
 
     Computed in fp32 with ``cross_entropy`` (never ``log(exp/sum)``).
     """
-    v = F.normalize(_fp32(visual), dim=-1, eps=eps)
-    g = F.normalize(_fp32(text.detach()), dim=-1, eps=eps)
+    dtype = _common_dtype(visual, text)
+    v = F.normalize(visual.to(dtype), dim=-1, eps=eps)
+    g = F.normalize(text.detach().to(dtype), dim=-1, eps=eps)
     labels = torch.arange(v.shape[0], device=v.device) + rank() * v.shape[0]
     loss = F.cross_entropy(v @ all_gather_cat(g).T / temperature, labels)
     if symmetric:
@@ -213,7 +222,7 @@ def relationship_alignment(token_feats: Tensor, visual_tokens: Tensor, z_q: Tens
     Returns:
         ``(loss, n_star)`` with ``n_star`` (B, L) the chosen visual position of each word.
     """
-    dtype = torch.promote_types(torch.promote_types(token_feats.dtype, visual_tokens.dtype), torch.float32)
+    dtype = _common_dtype(token_feats, visual_tokens)
     t = F.normalize(token_feats.to(dtype), dim=-1, eps=eps)
     v = F.normalize(visual_tokens.to(dtype), dim=-1, eps=eps)
     a, n_star = torch.einsum("bld,bnd->bln", t, v).max(dim=-1)  # (B, L) each
