@@ -247,6 +247,19 @@ def test_clip_pretrained_tag_offline_fails_clearly(tmp_path):
     assert str(tmp_path) in message  # where it looked
 
 
+def test_clip_pretrained_tag_found_in_local_cache(clip_checkpoint, clip_reference, tmp_path):
+    """A tag whose file is already cached loads from there (here: open_clip's URL cache
+    layout, with our tiny checkpoint standing in for OpenAI's), with the tag's QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    (tmp_path / "ViT-B-32.pt").write_bytes(clip_checkpoint.read_bytes())
+    enc = OpenCLIPTextEncoder("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path),
+                              text_cfg=TINY_TEXT, embed_dim=TINY_EMBED)
+    assert "pretrained=openai" in enc.identity
+    assert torch.equal(enc.vocab_embeddings, clip_reference.token_embedding.weight)
+    assert isinstance(enc.text.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
 def test_clip_unknown_tag_or_path_lists_tags(tmp_path):
     with pytest.raises(FileNotFoundError, match="laion2b_s34b_b79k"):
         OpenCLIPTextEncoder("ViT-B-32", pretrained="no_such_tag")
@@ -353,3 +366,18 @@ def test_minilm_sets_offline_mode(monkeypatch):
     enc = lgvq_plugins.create_text_encoder("minilm", max_length=8)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     assert enc.max_length == 8 and enc.identity.startswith("hf/all-MiniLM-L6-v2/pooling=mean/normalize=1/")
+
+
+def test_encoders_are_gin_configurable():
+    import gin
+
+    lgvq_plugins.list_text_encoders()  # plugins loaded, so the names exist for gin
+    gin.parse_config([
+        "lgvq.text_encoder.open_clip.max_length = 10",
+        "lgvq.text_encoder.open_clip.embed_dim = 16",
+        "lgvq.text_encoder.open_clip.text_cfg = {'width': 32, 'heads': 2, 'layers': 1}",
+        "minilm.pooling = 'cls'",
+    ])
+    clip = lgvq_plugins.create_text_encoder("open_clip")
+    assert (clip.max_length, clip.width, clip.global_width) == (10, 32, 16)
+    assert lgvq_plugins.create_text_encoder("minilm").pooling == "cls"
