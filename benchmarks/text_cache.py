@@ -69,8 +69,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"{args.batches} batches, max_length 30")
-    print(f"| encoder | path | ms |")
-    print(f"|---|---|---:|")
+    print("| encoder | path | ms |")
+    print("|---|---|---:|")
     for name in args.encoders:
         for enc, path, ms in bench(name, args.batch, args.batches):
             print(f"| {enc} | {path} | {ms:.2f} |")
