@@ -101,10 +101,13 @@ class FrozenTextEncoder(nn.Module):
 
         Runs under ``no_grad`` rather than ``inference_mode``: the features are later used
         as constants inside the autograd graph of the alignment losses, which inference
-        tensors do not allow.
+        tensors do not allow. Autocast is switched off: the encoder runs in its own dtype
+        (fp32), so cached features do not depend on whether a caption was first seen
+        inside a mixed-precision training step.
         """
         tokens = tokens.to(self.device)
-        token_feats, global_feat = self._encode(tokens)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            token_feats, global_feat = self._encode(tokens)
         return TextFeatures(token_feats, global_feat, tokens)
 
     def forward(self, tokens: TextTokens) -> TextFeatures:

@@ -293,6 +293,16 @@ def test_encoders_are_frozen_and_stay_in_eval(which, clip_encoder, minilm_encode
     assert not first.token_feats.requires_grad and first.token_feats.grad_fn is None
 
 
+def test_encode_ignores_autocast(clip_encoder):
+    tokens = clip_encoder.tokenize(CAPTIONS)
+    plain = clip_encoder.encode(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = clip_encoder.encode(tokens)
+    assert mixed.token_feats.dtype == torch.float32
+    assert torch.equal(mixed.token_feats, plain.token_feats)
+    assert torch.equal(mixed.global_feat, plain.global_feat)
+
+
 # ---------------------------------------------------------------------------------------
 # MiniLM / hf
 # ---------------------------------------------------------------------------------------
