@@ -72,7 +72,8 @@ def _load_backbone(lpips_net: nn.Module, path: str | os.PathLike[str], net: str)
     """Copy torchvision ``features`` weights from ``path`` into the LPIPS slices.
 
     torchmetrics splits ``model.features`` into ``slice1..sliceN`` but keeps each layer's
-    index as its name, so ``slice2.5.weight`` is ``features.5.weight``.
+    index as its name, so ``slice2.5.weight`` is ``features.5.weight`` (SqueezeNet:
+    ``slices.1.5.weight``).
     """
     path = Path(path)
     if not path.is_file():
@@ -83,7 +84,8 @@ def _load_backbone(lpips_net: nn.Module, path: str | os.PathLike[str], net: str)
     # accept both whole-model ("features.0.weight") and features-only ("0.weight") dicts
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or dict(state)
     target = lpips_net.state_dict()
-    wanted = {name: name.split(".", 1)[1] for name in target}  # "slice1.0.weight" -> "0.weight"
+    # "slice1.3.weight" (vgg/alex) and "slices.0.3.weight" (squeeze) are both features "3.weight"
+    wanted = {name: ".".join(name.split(".")[2 if name.startswith("slices.") else 1:]) for name in target}
     missing = sorted(src for src in wanted.values() if src not in features)
     if missing:
         raise PerceptualWeightsError(

@@ -1,0 +1,86 @@
+"""Training-step time of the built-in tokenizer backbones at their gin block sizes.
+
+One step = forward of a batch, generator loss, backward, Adam step; with the GAN on, also
+the discriminator loss on the detached reconstruction, backward and its Adam step.
+
+    OMP_NUM_THREADS=2 python benchmarks/backbone_step.py --batch 16 --steps 10
+
+Prints a markdown table (median and mean over the timed steps, after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gin
+import torch
+
+import lgvq_plugins
+from lgvq_plugins.config import bundled_gin_dir, resolve_gin_file
+
+# (label, gin block, backbone, extra bindings)
+CASES: list[tuple[str, str, str, list[str]]] = [
+    ("vqvae (vq)", "backbones/vqvae.gin", "vqvae", []),
+    ("vqgan (vq), before disc_start", "backbones/vqgan.gin", "vqgan", []),
+    ("vqgan (vq), GAN on", "backbones/vqgan.gin", "vqgan", ["vqgan.disc_start = 0"]),
+    ("cvq, GAN on", "backbones/cvq.gin", "vqgan", ["vqgan.disc_start = 0"]),
+]
+
+
+def time_case(gin_file: str, backbone: str, bindings: list[str], batch: int, size: int,
+              warmup: int, steps: int) -> tuple[list[float], int]:
+    gin.clear_config()
+    lgvq_plugins.list_backbones()  # load plugins so their configurables exist before parsing
+    gin.add_config_file_search_path(str(bundled_gin_dir()))
+    gin.parse_config_files_and_bindings([str(resolve_gin_file(gin_file))], bindings)
+    model = lgvq_plugins.create_backbone(backbone)
+    gin.clear_config()
+    disc = {id(p) for p in model.discriminator_parameters()}
+    gen_params = [p for p in model.parameters() if p.requires_grad and id(p) not in disc]
+    opt_g = torch.optim.Adam(gen_params, lr=1e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(model.discriminator_parameters(), lr=1e-4, betas=(0.5, 0.9)) if disc else None
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        rec, quantized = model(x)
+        g = model.generator_loss(x, rec, quantized, step=i)
+        opt_g.zero_grad(set_to_none=True)
+        g.loss.backward()
+        opt_g.step()
+        d = model.discriminator_loss(x, rec.detach(), step=i)
+        if d is not None and opt_d is not None:
+            opt_d.zero_grad(set_to_none=True)
+            d.loss.backward()
+            opt_d.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in gen_params)
+    return times, n_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="image side (pixels)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"batch {args.batch}, {args.size}x{args.size} images, {args.threads} threads, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, torch {torch.__version__}\n")
+    print("| case | gin block | generator params | median s/step | mean s/step |")
+    print("|---|---|---:|---:|---:|")
+    for label, gin_file, backbone, bindings in CASES:
+        times, n_params = time_case(gin_file, backbone, bindings, args.batch, args.size,
+                                    args.warmup, args.steps)
+        print(f"| {label} | `{gin_file}`{' + ' + '; '.join(bindings) if bindings else ''} | "
+              f"{n_params / 1e6:.2f} M | {statistics.median(times):.3f} | {statistics.mean(times):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
