@@ -52,7 +52,8 @@ _BACKGROUND_LEVEL = (0.08, 0.22)  # dark grey ...
 _BACKGROUND_TINT = 0.03  # ... with a light per-channel tint
 _CANDIDATES = 16  # positions tried at once per object when placing it
 _ROUNDS = 8  # batches of candidates before an object is shrunk (then the scene restarts)
-_PIXEL_CENTRES = np.arange(4096) + 0.5  # x (or y) of pixel centres; sliced per object
+MAX_SIZE = 4096
+_PIXEL_CENTRES = np.arange(MAX_SIZE + 8) + 0.5  # x (or y) of pixel centres (+ slack for windows)
 MIN_SIZE = 32  # below this, small objects are too few pixels to tell the shapes apart
 
 
@@ -111,9 +112,9 @@ class Scene:
 
 def check_size(size: int) -> None:
     """Raise a clear error for image sizes the renderer cannot draw legibly."""
-    if not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= len(_PIXEL_CENTRES):
+    if not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"shapes: size={size!r} is out of range; use an integer from {MIN_SIZE} "
-                         f"(so small objects still show their shape) to {len(_PIXEL_CENTRES)}; "
+                         f"(so small objects still show their shape) to {MAX_SIZE}; "
                          "64 is the default")
 
 
@@ -216,14 +217,27 @@ def rasterise(shape: int, cx: float, cy: float, half: float, size: int
     return x0, y0, mask, box
 
 
-def relocate(rng: np.random.Generator, layout: Layout, size: int) -> Layout:
-    """The same single-object layout with a new random centre (used to move a lone object
-    into its split's share of positions; see ``lgvq_plugins.shapes``)."""
-    if len(layout.shape) != 1:
-        raise ValueError("relocate() moves the object of a one-object layout only")
-    h = float(layout.half[0])
-    centre = h + 1.0 + rng.random((1, 2)) * (size - 2.0 * h - 2.0)
-    return layout._replace(centre=centre)
+def lone_object_boxes(shape: int, centres: np.ndarray, half: float, size: int) -> np.ndarray:
+    """Tight pixel boxes (K, 4) int of one object drawn at each of K candidate centres,
+    all at once. The pixel coordinates are computed exactly as :func:`rasterise` computes
+    them, so each box equals the one the render will have (bit for bit, no rounding drift)."""
+    width = int(2 * half) + 3  # covers int(c - h) .. ceil(c + h) for any fractional c
+    origin = (centres - half).astype(np.int64)  # (K, 2) window top-left (x0, y0); c - h > 0
+    grid = origin[:, :, None] + np.arange(width)  # (K, 2, width) pixel indices
+    coords = (_PIXEL_CENTRES[grid] - centres[:, :, None]) / half  # (K, 2, width)
+    mask = _inside(shape, coords[:, 0, None, :], coords[:, 1, :, None])  # (K, width, width)
+    cols, rows = mask.any(axis=1), mask.any(axis=2)  # (K, width) each
+    first_col, first_row = cols.argmax(axis=1), rows.argmax(axis=1)
+    last_col = width - 1 - cols[:, ::-1].argmax(axis=1)
+    last_row = width - 1 - rows[:, ::-1].argmax(axis=1)
+    return np.stack([origin[:, 0] + first_col, origin[:, 1] + first_row,
+                     origin[:, 0] + last_col + 1, origin[:, 1] + last_row + 1], axis=1)
+
+
+def random_centres(rng: np.random.Generator, half: float, size: int, count: int) -> np.ndarray:
+    """``count`` uniform centres (count, 2) keeping an object of this half-extent 1 px
+    inside the image (the same rule as placement)."""
+    return half + 1.0 + rng.random((count, 2)) * (size - 2.0 * half - 2.0)
 
 
 def render(layout: Layout, size: int, *, signed: bool = False) -> Rendered:
