@@ -61,7 +61,7 @@ def _mix(*values: int) -> int:
     choices keyed on (seed, index, epoch) look random yet are reproducible."""
     h = 0x9E3779B97F4A7C15
     for v in values:
-        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
         h ^= h >> 31
     return h

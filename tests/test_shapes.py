@@ -216,7 +216,7 @@ def pixel_boxes(sample, scene) -> list[tuple[int, int, int, int]]:
         yy, xx = np.mgrid[: sem.shape[0], : sem.shape[1]] + 0.5
         near = (np.abs(xx - o.centre[0]) <= o.half_extent + 0.5) & (np.abs(yy - o.centre[1]) <= o.half_extent + 0.5)
         ys, xs = np.nonzero(mine & near)
-        out.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        out.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
     return out
 
 
