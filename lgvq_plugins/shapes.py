@@ -10,7 +10,15 @@ Every sample is drawn from its own random stream ``numpy.random.default_rng([see
 split_id, index])``, so random access is O(1), two dataset objects with the same settings
 hold identical samples, and the three splits come from disjoint streams. Images carry a
 continuous background tint and brightness jitter, so in practice no image repeats within
-or across splits (the tests hash every val/test image against a slice of train).
+or across splits. Layouts (the label maps, tint aside) cannot repeat across splits either:
+a lone object, whose renderings are few enough to recur, is placed so that a hash of its
+label maps names its split (90 / 5 / 5 %); scenes with more objects are too many to recur.
+The tests hash every val/test image and label map against a slice of train.
+
+Colours: red, orange, yellow, green, cyan, blue, purple, white (``COLOURS``); shapes:
+circle, square, triangle, diamond, cross (``SHAPES``); sizes: small, large. No two objects
+of a scene share size, colour *and* shape, so every object can be referred to. Spatial
+relations are read from object centres and stated only beyond ``relation_margin``.
 
 Sample keys (all default-collatable):
 
