@@ -26,6 +26,9 @@ from torch import Tensor
 
 #: default number of distance entries held at once (4 Mi entries = 16 MiB in fp32).
 DEFAULT_CHUNK_SIZE = 2**22
+#: fewest vector rows per tile when the budget allows: a matmul with only a handful of rows
+#: runs far below peak, so for very large K the codes are split instead of the rows.
+MIN_TILE_ROWS = 256
 
 PerCode = Literal["closest", "sample"]
 
@@ -50,14 +53,16 @@ class SearchResult(NamedTuple):
 def tile_shape(num_vectors: int, num_codes: int, chunk_size: int) -> tuple[int, int]:
     """(rows, codes) of one distance tile holding at most ``chunk_size`` entries.
 
-    All codes fit in one tile whenever ``chunk_size >= K``; then the rows fill the budget, so
-    the common case is a plain row-blocked search with no merging across code tiles.
+    All codes go in one tile while that leaves room for ``MIN_TILE_ROWS`` rows (the common
+    case: a plain row-blocked search with no merging across code tiles); beyond that the
+    tile keeps ``MIN_TILE_ROWS`` rows and splits the codes.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of distance entries, got {chunk_size}")
-    codes = min(num_codes, chunk_size)
-    rows = max(1, min(num_vectors, chunk_size // codes))
-    return rows, codes
+    if chunk_size // num_codes >= min(MIN_TILE_ROWS, num_vectors):
+        return max(1, min(num_vectors, chunk_size // num_codes)), num_codes
+    rows = max(1, min(num_vectors, MIN_TILE_ROWS, chunk_size))
+    return rows, max(1, min(num_codes, chunk_size // rows))
 
 
 @torch.no_grad()
@@ -126,7 +131,11 @@ def nearest_codes(
                     tile.sub_(noise.log_())  # −log Exp(1) is Gumbel(0, 1)
                 else:
                     raise ValueError(f"per_code must be 'closest', 'sample' or None, got {per_code!r}")
-                cvals, cargs = tile.max(dim=0)
+                # max over dim 0 with indices is several times slower on CPU than amax plus
+                # a masked amin over row numbers (which also keeps the first row on ties)
+                cvals = tile.amax(dim=0)
+                row_ids = torch.arange(n1 - n0, device=device, dtype=torch.int32)[:, None]
+                cargs = torch.where(tile == cvals, row_ids, n1 - n0).amin(dim=0).long()
                 better = cvals > code_score[k0:k1]
                 code_score[k0:k1] = torch.where(better, cvals, code_score[k0:k1])
                 code_arg[k0:k1] = torch.where(better, cargs + n0, code_arg[k0:k1])

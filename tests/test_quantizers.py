@@ -455,3 +455,15 @@ def test_usage_stat_is_global_sum_of_counts() -> None:
     assert out.stats["usage"].item() == pytest.approx((counts > 0).float().mean().item())
     p = counts.double() / counts.sum()
     assert out.stats["perplexity"].item() == pytest.approx(math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), rel=1e-5)
+
+
+def test_config_records_gin_bindings() -> None:
+    import gin
+
+    gin.parse_config(["vq.num_codes = 12", "vq.distance = 'cosine'", "cvq.anchor = 'closest'"])
+    q = lgvq_plugins.create_quantizer("vq", dim=DIM)
+    assert q.num_codes == 12 and q.config["num_codes"] == 12 and q.config["distance"] == "cosine"
+    assert lgvq_plugins.create_quantizer("cvq", dim=DIM).config["anchor"] == "closest"
+    gin.clear_config()
+    rebuilt = lgvq_plugins.create_quantizer("vq", **q.config)  # no gin needed any more
+    assert rebuilt.config == q.config and rebuilt.weight.shape == (12, DIM)
