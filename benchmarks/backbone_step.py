@@ -5,12 +5,15 @@ the discriminator loss on the detached reconstruction, backward and its Adam ste
 
     OMP_NUM_THREADS=2 python benchmarks/backbone_step.py --batch 16 --steps 10
 
-Prints a markdown table (median and mean over the timed steps, after warm-up).
+Prints a markdown table: median wall-clock seconds per step and median CPU seconds per step
+(process time, all threads). On a shared machine the CPU time is the steadier figure: wall
+time ≈ CPU time / threads when the cores are free.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -30,7 +33,7 @@ CASES: list[tuple[str, str, str, list[str]]] = [
 
 
 def time_case(gin_file: str, backbone: str, bindings: list[str], batch: int, size: int,
-              warmup: int, steps: int) -> tuple[list[float], int]:
+              warmup: int, steps: int) -> tuple[list[float], list[float], int]:
     gin.clear_config()
     lgvq_plugins.list_backbones()  # load plugins so their configurables exist before parsing
     gin.add_config_file_search_path(str(bundled_gin_dir()))
@@ -42,9 +45,9 @@ def time_case(gin_file: str, backbone: str, bindings: list[str], batch: int, siz
     opt_g = torch.optim.Adam(gen_params, lr=1e-4, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(model.discriminator_parameters(), lr=1e-4, betas=(0.5, 0.9)) if disc else None
     x = torch.rand(batch, 3, size, size) * 2 - 1
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec, quantized = model(x)
         g = model.generator_loss(x, rec, quantized, step=i)
         opt_g.zero_grad(set_to_none=True)
@@ -57,8 +60,9 @@ def time_case(gin_file: str, backbone: str, bindings: list[str], batch: int, siz
             opt_d.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     n_params = sum(p.numel() for p in gen_params)
-    return times, n_params
+    return times, cpu, n_params
 
 
 def main() -> None:
@@ -73,13 +77,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"batch {args.batch}, {args.size}x{args.size} images, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up, torch {torch.__version__}\n")
-    print("| case | gin block | generator params | median s/step | mean s/step |")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
+    print("| case | gin block | generator params | median wall s/step | median CPU s/step |")
     print("|---|---|---:|---:|---:|")
     for label, gin_file, backbone, bindings in CASES:
-        times, n_params = time_case(gin_file, backbone, bindings, args.batch, args.size,
+        times, cpu, n_params = time_case(gin_file, backbone, bindings, args.batch, args.size,
                                     args.warmup, args.steps)
         print(f"| {label} | `{gin_file}`{' + ' + '; '.join(bindings) if bindings else ''} | "
-              f"{n_params / 1e6:.2f} M | {statistics.median(times):.3f} | {statistics.mean(times):.3f} |")
+              f"{n_params / 1e6:.2f} M | {statistics.median(times):.3f} | {statistics.median(cpu):.3f} |")
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

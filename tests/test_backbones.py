@@ -250,6 +250,21 @@ def test_autocast_bf16(quantizer: str) -> None:
     out.loss.backward()
 
 
+def test_attention_placement_and_last_layer() -> None:
+    """attn_resolutions refers to feature-map sides for ``resolution``-sized inputs; the
+    middle block always attends in VQ-GAN and never in VQ-VAE."""
+    from lgvq_plugins.backbones.layers import AttnBlock
+
+    model = make("vqgan", "vqtorch_vq", ch_mult=(1, 2, 2), attn_resolutions=(16,))  # sides 32, 16, 8
+    assert [isinstance(s.attn[0], AttnBlock) for s in model.encoder.down] == [False, True, False]
+    assert [isinstance(s.attn[0], AttnBlock) for s in model.decoder.up] == [False, True, False]
+    assert isinstance(model.encoder.mid[1], AttnBlock) and isinstance(model.decoder.mid[1], AttnBlock)
+    assert model.grid(SIZE) == (8, 8) and model.downsample_factor == 4
+    vqvae = make("vqvae", "vqtorch_vq", ch_mult=(1, 2, 2))
+    assert not any(isinstance(m, AttnBlock) for m in vqvae.modules())
+    assert vqvae.last_layer is vqvae.decoder.conv_out.weight and vqvae.last_layer.shape[0] == 3
+
+
 def test_vqvae_has_no_gan() -> None:
     model = make("vqvae", "vqtorch_vq")
     x = images()
