@@ -218,7 +218,7 @@ def caption_candidates(facts: Facts) -> tuple[list[str], list[str]]:
         (complete if len(objs) == n else partial).append(text)
         (complete if len(objs) == n else partial).append(f"there is {text}")
     if n == 3:
-        # Two clauses that together mention all three objects (first clause with full
+        # Two clauses that together mention all three objects (clauses with full
         # descriptions only, to keep the list from growing quadratically).
         for (t1, o1), (t2, o2) in itertools.combinations(clauses[::2], 2):
             if len(o1 | o2) == 3:

@@ -191,7 +191,7 @@ def answer_of(scene, question: str, margin: float) -> str:
     m = re.fullmatch(r"what (colour|shape|size) is (the .*)\?", question)
     if m:
         obj = objs[the(scene, m.group(2))]
-        assert m.group(1) not in m.group(2).split() or m.group(1) == "size", question
+        assert getattr(obj, m.group(1)) not in m.group(2).split(), f"{question!r} names its own answer"
         return getattr(obj, m.group(1))
     m = re.fullmatch(r"is (the .*?) (to the left of|to the right of|above|below) (the .*)\?", question)
     if m:
@@ -453,6 +453,10 @@ def test_training_choices_cover_kinds_and_objects(train):
     assert kinds == {"count", "colour", "shape", "size", "relation", "exist"}
     answers = [s["answer"] for s in samples]
     assert 0.05 < answers.count("yes") / len(answers) < 0.4
+    targets = [resolve_refexp(train.scene(i), s["refexp"], margin_of(train)) for i, s in enumerate(samples)]
+    assert set(targets) == {0, 1, 2}
+    three = [t for i, t in enumerate(targets) if len(train.scene(i).objects) == 3]
+    assert min(three.count(k) for k in range(3)) > len(three) / 6  # roughly uniform over objects
 
 
 # --------------------------------------------------------------------------------------
