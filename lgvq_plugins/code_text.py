@@ -103,6 +103,47 @@ class CodeTextTransformer(nn.Module):
         return self.proj_out(self.norm(x))
 
 
+class Attention(nn.Module):
+    """Multi-head attention with separate query and key/value projections (self- or
+    cross-attention), through ``scaled_dot_product_attention`` with a *boolean* mask."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """(B, L, C) queries attend to (B, N, C) ``context``; ``key_padding_mask`` (B, N) is
+        True at keys to ignore."""
+        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(rearrange(o, "b h l d -> b l (h d)"))
+
+
+class DecoderLayer(nn.Module):
+    """Post-LN transformer decoder layer: self-attention, cross-attention, GELU MLP, each
+    followed by residual add and LayerNorm (as BERT and the reference)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = Attention(width, heads, dropout)
+        self.cross_attn = Attention(width, heads, dropout)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width, eps=LN_EPS) for _ in range(3))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, context: Tensor, padding_mask: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, padding_mask)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, context)))
+        return self.norm3(x + self.drop(self.mlp(x)))
+
+
 class TextDecoder(nn.Module):
     """Masked caption features + visual tokens → per-token states (B, L, width).
 
@@ -129,12 +170,8 @@ class TextDecoder(nn.Module):
         self.width, self.max_length = width, max_length
         self.mask_embed = nn.Parameter(torch.zeros(max_length, width))
         nn.init.trunc_normal_(self.mask_embed, std=0.02)
-        self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(width, heads, dim_feedforward=int(width * mlp_ratio),
-                                       dropout=dropout, activation="gelu", layer_norm_eps=LN_EPS,
-                                       batch_first=True, norm_first=False)
-            for _ in range(depth)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        head_init_(self.layers)
 
     def forward(self, token_feats: Tensor, mask: Tensor, padding_mask: Tensor, visual_tokens: Tensor) -> Tensor:
         """
@@ -159,7 +196,7 @@ class TextDecoder(nn.Module):
         padding_mask = padding_mask.clone()
         padding_mask[:, 0] &= ~padding_mask.all(dim=1)
         for layer in self.layers:
-            x = layer(x, visual_tokens.to(dtype), tgt_key_padding_mask=padding_mask)
+            x = layer(x, visual_tokens.to(dtype), padding_mask)
         return x
 
 
@@ -196,4 +233,4 @@ def head_init_(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["CodeTextTransformer", "TextDecoder", "MLMHead", "LN_EPS", "head_init_"]
+__all__ = ["Attention", "CodeTextTransformer", "DecoderLayer", "TextDecoder", "MLMHead", "LN_EPS", "head_init_"]

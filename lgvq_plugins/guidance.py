@@ -65,9 +65,11 @@ class LanguageGuided(nn.Module):
         cache_dir: where the text-feature cache persists features (None: in memory only).
         image_size: training image size, to size the positional embeddings from
             ``tokenizer.grid(image_size)``; default: the tokenizer config's ``image_size``.
-        width: code–text transformer width.
+        width: code–text transformer width; default ``2·D`` clamped to [128, 512] (D the
+            code width), so the transformer stays proportionate to the tokenizer it guides
+            (quick start D=64 → 128; paper D=256 → 512).
         depth: code–text transformer blocks (reference: 2).
-        heads: code–text transformer attention heads.
+        heads: code–text transformer attention heads; default ``width // 32``.
         mlp_ratio: MLP width multiple of the code–text transformer blocks.
         dropout: dropout in the code–text transformer.
 
@@ -78,7 +80,7 @@ class LanguageGuided(nn.Module):
     def __init__(self, tokenizer: nn.Module | str, text_encoder: str | TextEncoder = "minilm",
                  losses: Mapping[str, float] | None = None, enabled: bool = True,
                  cache_dir: str | None = None, image_size: int | Sequence[int] | None = None,
-                 width: int = 256, depth: int = 2, heads: int = 8, mlp_ratio: float = 4.0,
+                 width: int | None = None, depth: int = 2, heads: int | None = None, mlp_ratio: float = 4.0,
                  dropout: float = 0.0):
         super().__init__()
         import lgvq_plugins  # the package's registry API (imported late: it imports plugins)
@@ -106,6 +108,8 @@ class LanguageGuided(nn.Module):
         self._frozen["text_cache"] = TextFeatureCache(encoder, cache_dir=cache_dir)
 
         self.grid: tuple[int, int] = tuple(tokenizer.grid(_image_size_of(tokenizer, image_size)))
+        width = width if width is not None else min(512, max(128, 2 * self.code_dim))
+        heads = heads if heads is not None else max(1, width // 32)
         self.code_text = CodeTextTransformer(self.code_dim, self.visual_width, self.grid, width=width,
                                              depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                                              dropout=dropout)

@@ -177,8 +177,15 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
         """Vocabulary logits (N, V) at the N positions where ``mask`` (B, L) is True, in
         row-major order (those of ``text.tokens.ids[mask]``)."""
         self._check_setup()
-        states = self.decoder(text.token_feats, mask, text.tokens.padding_mask, visual_tokens)
-        return self.head(states[mask], self._text_encoder.vocab_embeddings)
+        # Positions past the longest caption are padding in every row: attention ignores
+        # them as keys and no loss reads them as queries, so drop them (exactly the same
+        # result, at a fraction of the cost when captions are shorter than max_length).
+        length = max(1, int(text.tokens.lengths.max()))
+        feats, padding = text.token_feats[:, :length], text.tokens.padding_mask[:, :length]
+        if bool(mask[:, length:].any()):
+            raise ValueError("mtp: a mask selects padding positions; masks must come from eligible tokens")
+        states = self.decoder(feats, mask[:, :length], padding, visual_tokens)
+        return self.head(states[mask[:, :length]], self._text_encoder.vocab_embeddings)
 
     def forward(self, guided: GuidedOutput, batch: Mapping[str, Any] | None = None) -> Tensor:
         self._check_setup()

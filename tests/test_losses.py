@@ -230,7 +230,7 @@ def test_mtp_ignores_unmasked_and_padded_positions():
         handle = None
         if perturb is not None:  # add noise to the decoder's output at the given positions
             handle = mtp.decoder.register_forward_hook(
-                lambda m, i, out: out + 100.0 * torch.randn_like(out) * perturb[..., None])
+                lambda m, i, out: out + 100.0 * torch.randn_like(out) * perturb[:, :out.shape[1], None])
         try:
             return mtp(_guided(TextFeatures(text.token_feats, text.global_feat, tokens), visual), {}).item()
         finally:

@@ -1,0 +1,158 @@
+"""Training-step cost of language guidance: a tokenizer with and without ``LanguageGuided``.
+
+One step = forward of a batch, generator loss (+ the weighted alignment losses when
+guided), backward, Adam step over every trained parameter; with the GAN on, also the
+discriminator's loss on the detached reconstruction, backward and Adam step. "GAN off"
+(before ``disc_start``) is the strictest comparison: the base step is as cheap as it gets. The text
+cache is warmed first (MiniLM), so the frozen encoder is not run during the timed steps;
+base and guided steps alternate so that other load on the machine hits both alike.
+
+    OMP_NUM_THREADS=2 python benchmarks/guidance.py                       # both geometries
+    OMP_NUM_THREADS=2 python benchmarks/guidance.py --cases quick --steps 10
+
+Prints a markdown table (medians over the timed steps, after warm-up) and the text-encoder
+calls of a cold and a warm "epoch" over the benchmark's captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import gin
+import torch
+
+import lgvq_plugins
+from lgvq_plugins.config import bundled_gin_dir, resolve_gin_file
+from lgvq_plugins.guidance import LanguageGuided
+
+
+@dataclass
+class Case:
+    label: str
+    gin_file: str
+    backbone: str
+    size: int
+    batch: int
+    bindings: list[str] = field(default_factory=list)
+
+
+# The quick start (gin/backbones/cvq.gin: 64×64 → 16×16) and the paper's first stage
+# (256×256 → 16×16, D=256, batch 8; no LPIPS: its weights are not available offline).
+PAPER = ["vqgan.ch = 128", "vqgan.ch_mult = (1, 1, 2, 2, 4)", "vqgan.num_res_blocks = 2",
+         "vqgan.resolution = 256", "vqgan.z_channels = 256", "vqgan.embed_dim = 256",
+         "vqgan.disc_ndf = 64", "vqgan.disc_n_layers = 3"]
+CASES = {
+    "quick": Case("quick start: cvq, 64×64 → 16×16, GAN off", "backbones/cvq.gin", "vqgan", 64, 16),
+    "quick-gan": Case("quick start: cvq, 64×64 → 16×16, GAN on", "backbones/cvq.gin", "vqgan", 64, 16,
+                      ["vqgan.disc_start = 0"]),
+    "paper": Case("paper: cvq, 256×256 → 16×16, GAN off", "backbones/cvq.gin", "vqgan", 256, 8, PAPER),
+}
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle", "star"]
+RELATIONS = ["left of", "right of", "above", "below"]
+
+
+def captions(n: int) -> list[str]:
+    """``n`` distinct captions of the shapes kind (length ~10 tokens)."""
+    combos = itertools.product(COLORS, SHAPES, RELATIONS, COLORS, SHAPES)
+    return [f"a {c1} {s1} {r} a {c2} {s2}" for c1, s1, r, c2, s2 in itertools.islice(combos, n)]
+
+
+def build(case: Case, enabled: bool, encoder) -> LanguageGuided:
+    gin.clear_config()
+    lgvq_plugins.list_backbones()  # load plugins so their configurables exist before parsing
+    gin.add_config_file_search_path(str(bundled_gin_dir()))
+    gin.parse_config_files_and_bindings([str(resolve_gin_file(case.gin_file))], case.bindings)
+    torch.manual_seed(0)
+    tokenizer = lgvq_plugins.create_backbone(case.backbone)
+    gin.clear_config()
+    return LanguageGuided(tokenizer, encoder, enabled=enabled, image_size=case.size)
+
+
+def make_step(model: LanguageGuided):
+    disc_params = model.tokenizer.discriminator_parameters()
+    disc = {id(p) for p in disc_params}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in disc]
+    opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc_params, lr=1e-4, betas=(0.5, 0.9)) if disc_params else None
+
+    def step(x: torch.Tensor, caps: list[str], i: int) -> float:
+        t0 = time.perf_counter()
+        out = model(x, caps)
+        loss = model.tokenizer.generator_loss(x, out.reconstruction, out.quantized, step=i).loss
+        loss = loss + sum(out.losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        d = model.tokenizer.discriminator_loss(x, out.reconstruction.detach(), step=i)
+        if opt_d is not None and d is not None and d.loss.requires_grad:
+            opt_d.zero_grad(set_to_none=True)
+            d.loss.backward()
+            opt_d.step()
+        return time.perf_counter() - t0
+
+    return step, sum(p.numel() for p in params)
+
+
+def run_case(case: Case, encoder, warmup: int, steps: int) -> dict:
+    base, guided = build(case, False, encoder), build(case, True, encoder)
+    base.train(), guided.train()
+    pool = captions(case.batch * (warmup + steps))
+    cache = guided.text_cache
+    # an "epoch" over the captions the steps will use: cold (encodes), then warm (must not)
+    before = cache.stats
+    for i in range(0, len(pool), case.batch):
+        cache(pool[i:i + case.batch], "cpu")
+    cold = cache.stats
+    step_base, n_base = make_step(base)
+    step_guided, n_guided = make_step(guided)
+    x = torch.rand(case.batch, 3, case.size, case.size) * 2 - 1
+    times_base, times_guided = [], []
+    for i in range(warmup + steps):
+        caps = pool[i * case.batch:(i + 1) * case.batch]
+        tb, tg = step_base(x, caps, i), step_guided(x, caps, i)
+        if i >= warmup:
+            times_base.append(tb)
+            times_guided.append(tg)
+    warm = cache.stats
+    return {
+        "base": statistics.median(times_base), "guided": statistics.median(times_guided),
+        "params_base": n_base, "params_guided": n_guided,
+        "cold_calls": cold.encoder_calls - before.encoder_calls,
+        "cold_captions": cold.captions_encoded - before.captions_encoded,
+        "warm_calls": warm.encoder_calls - cold.encoder_calls,
+        "captions": len(pool),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["quick", "quick-gan", "paper"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper geometry")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    encoder = lgvq_plugins.create_text_encoder("minilm")
+    print(f"{args.threads} threads, torch {torch.__version__}, text encoder {encoder.identity}; "
+          f"base and guided steps alternate; medians over timed steps after {args.warmup} warm-up\n")
+    print("| geometry | batch | timed steps | base s/step | guided s/step | guided / base | "
+          "trained params base → guided | encoder calls: cold epoch (captions) / warm epoch |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for name in args.cases:
+        case = CASES[name]
+        steps = args.paper_steps if name == "paper" else args.steps
+        r = run_case(case, encoder, args.warmup, steps)
+        print(f"| {case.label} | {case.batch} | {steps} | {r['base']:.3f} | {r['guided']:.3f} | "
+              f"{r['guided'] / r['base']:.2f}× | {r['params_base'] / 1e6:.2f} M → {r['params_guided'] / 1e6:.2f} M | "
+              f"{r['cold_calls']} ({r['cold_captions']} of {r['captions']}) / {r['warm_calls']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
