@@ -572,7 +572,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0; every rank's RNG state included)."""
-        rng = ckpt_io.get_rng_state()
+        rng = ckpt_io.get_rng_state(self.model)
         if D.is_distributed():
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, rng)  # our own processes' RNG lists, not a file
@@ -647,7 +647,7 @@ class Trainer:
             self.batch_in_epoch = 0
         rngs = s.get("rng") or []
         if rngs:
-            ckpt_io.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+            ckpt_io.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0], self.model)
         return self.step
 
     # ------------------------------------------------------------------------------------

@@ -156,3 +156,26 @@ def test_optimizer_flattening_keeps_every_tensor():
     for index, values in original["state"].items():
         for name, value in values.items():
             assert torch.equal(rebuilt["state"][index][name], value)
+
+
+def test_private_generators_of_modules_are_captured():
+    class WithStreams(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gen = torch.Generator().manual_seed(3)
+            self._table = {}  # filled lazily, keyed by (kind, device) like a quantizer's streams
+
+        def draw(self):
+            key = ("shared", torch.device("cpu"))
+            if key not in self._table:
+                self._table[key] = torch.Generator().manual_seed(5)
+            return torch.rand(2, generator=self.gen), torch.rand(2, generator=self._table[key])
+
+    a = nn.Sequential(WithStreams())
+    a[0].draw()
+    state = json.loads(json.dumps(C.get_rng_state(a)))
+    expected = a[0].draw()
+    b = nn.Sequential(WithStreams())  # fresh: its table is still empty
+    C.set_rng_state(state, b)
+    got = b[0].draw()
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
