@@ -192,11 +192,6 @@ class VQTokenizer(nn.Module):
                        step: int) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # -- helpers for subclasses -------------------------------------------------------
-    @staticmethod
-    def _quantizer_logs(quantized: Quantized) -> dict[str, Tensor]:
-        return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in quantized.stats.items()}
-
 
 def zero_like_loss(ref: Tensor) -> Tensor:
     """A 0-d fp32 zero on ``ref``'s device (for terms that are switched off)."""

@@ -139,17 +139,19 @@ class VQGAN(VQTokenizer):
         logs = {"rec": rec.detach(), "l1": l1.detach(), "perceptual": perceptual.detach(),
                 "quant": quant.detach(), "g_loss": g_loss.detach(), "g_gan": gan.detach(),
                 "d_weight": d_weight, "disc_factor": torch.tensor(disc_factor),
-                "total": total.detach(), **self._quantizer_logs(quantized)}
+                "total": total.detach()}
         return LossOutput(total, logs)
 
     def discriminator_loss(self, x: Tensor, reconstruction: Tensor, step: int) -> LossOutput:
+        """Hinge (or vanilla) loss on real ``x`` and the detached reconstruction. Before
+        ``disc_start`` a constant 0 that needs no backward (check ``loss.requires_grad``)."""
         disc_factor = adopt_weight(step, self.disc_start, self.disc_factor)
         if disc_factor == 0:
-            # Off: skip the forward but stay connected to every discriminator weight, so a
-            # caller's backward() works and DDP sees each parameter receive a (zero) gradient.
-            loss = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
+            # Off: no forward, and a constant zero (requires_grad False) so the caller skips the
+            # backward. Leaving the gradients None (rather than zeros) keeps Adam's step count
+            # and moments untouched until the discriminator really starts training.
             zero = zero_like_loss(x)
-            return LossOutput(loss, {"d_loss": zero, "logits_real": zero, "logits_fake": zero,
+            return LossOutput(zero, {"d_loss": zero, "logits_real": zero, "logits_fake": zero,
                                      "disc_factor": torch.tensor(0.0)})
         logits_real = self.discriminator(x.detach()).float()
         logits_fake = self.discriminator(reconstruction.detach()).float()

@@ -53,7 +53,7 @@ class VQVAE(VQTokenizer):
         total = self.pixel_weight * rec + self.codebook_weight * quant
         zero = zero_like_loss(rec)
         logs = {"rec": rec.detach(), "perceptual": zero, "quant": quant.detach(), "g_gan": zero,
-                "d_weight": zero, "total": total.detach(), **self._quantizer_logs(quantized)}
+                "d_weight": zero, "total": total.detach()}
         return LossOutput(total, logs)
 
 

@@ -5,20 +5,23 @@ the discriminator loss on the detached reconstruction, backward and its Adam ste
 
     OMP_NUM_THREADS=2 python benchmarks/backbone_step.py --batch 16 --steps 10
 
-Prints a markdown table: median wall-clock seconds per step and median CPU seconds per step
-(process time, all threads). On a shared machine the CPU time is the steadier figure: wall
-time ≈ CPU time / threads when the cores are free.
+Prints a markdown table: FLOPs of one step (torch's ``FlopCounterMode``: convolutions and
+matrix products, forward and backward; independent of machine load), median wall-clock
+seconds per step and median CPU seconds per step (process time, all threads). On a shared,
+loaded machine both times are inflated; the FLOP count is the load-free figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
 
 import gin
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import lgvq_plugins
 from lgvq_plugins.config import bundled_gin_dir, resolve_gin_file
@@ -45,24 +48,28 @@ def time_case(gin_file: str, backbone: str, bindings: list[str], batch: int, siz
     opt_g = torch.optim.Adam(gen_params, lr=1e-4, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(model.discriminator_parameters(), lr=1e-4, betas=(0.5, 0.9)) if disc else None
     x = torch.rand(batch, 3, size, size) * 2 - 1
-    times, cpu = [], []
+    times, cpu, flops = [], [], 0.0
     for i in range(warmup + steps):
+        counter = FlopCounterMode(display=False) if i == 0 else contextlib.nullcontext()
         t0, c0 = time.perf_counter(), time.process_time()
-        rec, quantized = model(x)
-        g = model.generator_loss(x, rec, quantized, step=i)
-        opt_g.zero_grad(set_to_none=True)
-        g.loss.backward()
-        opt_g.step()
-        d = model.discriminator_loss(x, rec.detach(), step=i)
-        if d is not None and opt_d is not None:
-            opt_d.zero_grad(set_to_none=True)
-            d.loss.backward()
-            opt_d.step()
+        with counter:  # the (untimed) warm-up step counts FLOPs
+            rec, quantized = model(x)
+            g = model.generator_loss(x, rec, quantized, step=i)
+            opt_g.zero_grad(set_to_none=True)
+            g.loss.backward()
+            opt_g.step()
+            d = model.discriminator_loss(x, rec.detach(), step=i)
+            if d is not None and d.loss.requires_grad and opt_d is not None:
+                opt_d.zero_grad(set_to_none=True)
+                d.loss.backward()
+                opt_d.step()
+        if i == 0:
+            flops = counter.get_total_flops()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     n_params = sum(p.numel() for p in gen_params)
-    return times, cpu, n_params
+    return times, cpu, flops, n_params
 
 
 def main() -> None:
@@ -78,13 +85,13 @@ def main() -> None:
     print(f"batch {args.batch}, {args.size}x{args.size} images, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up, torch {torch.__version__}\n")
     print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
-    print("| case | gin block | generator params | median wall s/step | median CPU s/step |")
-    print("|---|---|---:|---:|---:|")
+    print("| case | gin block | generator params | GFLOP/step | median wall s/step | median CPU s/step |")
+    print("|---|---|---:|---:|---:|---:|")
     for label, gin_file, backbone, bindings in CASES:
-        times, cpu, n_params = time_case(gin_file, backbone, bindings, args.batch, args.size,
+        times, cpu, flops, n_params = time_case(gin_file, backbone, bindings, args.batch, args.size,
                                     args.warmup, args.steps)
         print(f"| {label} | `{gin_file}`{' + ' + '; '.join(bindings) if bindings else ''} | "
-              f"{n_params / 1e6:.2f} M | {statistics.median(times):.3f} | {statistics.median(cpu):.3f} |")
+              f"{n_params / 1e6:.2f} M | {flops / 1e9:.1f} | {statistics.median(times):.3f} | {statistics.median(cpu):.3f} |")
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 
