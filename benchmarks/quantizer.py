@@ -11,7 +11,8 @@ For each size (K codes, N vectors, D dims) it measures
   ``addmm(‖e‖², x, eᵀ, α=−2)`` over the whole N×K, ``argmin``, and the gather of the codes
   (forward only, nothing else).
 
-Time: median of ``--repeats`` runs after one warm-up, the three interleaved in one process
+Time: median of several runs (``--repeats``; by default 15 for the smallest case down to
+2 for the largest) after one warm-up, the three interleaved in one process
 so that the ratios see the same load. Memory: the peak resident-set growth of one call, each
 implementation in a fresh subprocess: build the inputs and the module, run one warm-up call,
 return freed heap pages to the OS (``malloc_trim``), note the RSS, reset the kernel's
@@ -35,14 +36,15 @@ from typing import Callable
 
 import torch
 
-#: name → (K, N, D, implementations); N = B·32·32 latents.
-SIZES: dict[str, tuple[int, int, int, tuple[str, ...]]] = {
-    "K1k": (1024, 4096, 64, ("ours", "vqpt", "bound")),
-    "K4k": (4096, 8192, 128, ("ours", "vqpt", "bound")),
-    "K16k": (16384, 8192, 128, ("ours", "vqpt", "bound")),
-    "K64k": (65536, 4096, 128, ("ours", "vqpt", "bound")),
+#: name → (K, N, D, implementations, timed repeats); N = B·32·32 latents. Small cases get
+#: more repeats: under other load their medians need them.
+SIZES: dict[str, tuple[int, int, int, tuple[str, ...], int]] = {
+    "K1k": (1024, 4096, 64, ("ours", "vqpt", "bound"), 15),
+    "K4k": (4096, 8192, 128, ("ours", "vqpt", "bound"), 5),
+    "K16k": (16384, 8192, 128, ("ours", "vqpt", "bound"), 3),
+    "K64k": (65536, 4096, 128, ("ours", "vqpt", "bound"), 3),
     # the large case; VectorQuantize would hold several dense N×K (4 GiB) tensors
-    "K64k_large": (65536, 16384, 256, ("ours", "bound")),
+    "K64k_large": (65536, 16384, 256, ("ours", "bound"), 2),
 }
 
 
@@ -134,7 +136,7 @@ def measure_time(impls: tuple[str, ...], k: int, n: int, d: int, repeats: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: per case)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -146,8 +148,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name in args.sizes:
-        k, n, d, impls = SIZES[name]
-        repeats = 2 if name == "K64k_large" else args.repeats
+        k, n, d, impls, default_repeats = SIZES[name]
+        repeats = args.repeats or default_repeats
         t = measure_time(impls, k, n, d, repeats)
         mem = {impl: measure_memory(impl, k, n, d, args.threads) / 2**20 for impl in impls}
         row = {"case": name, "K": k, "N": n, "D": d, "time_s": t, "peak_mib": mem}
