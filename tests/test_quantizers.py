@@ -12,6 +12,7 @@ from torch import nn
 
 import lgvq_plugins
 from lgvq_plugins.backbones.cvq import ClusteredVectorQuantizer
+from lgvq_plugins.backbones.quant_base import usage_stats
 from lgvq_plugins.backbones.quant_search import nearest_codes, tile_shape
 from lgvq_plugins.backbones.vq import VectorQuantizer
 from lgvq_plugins.interfaces import Quantized, Quantizer
@@ -88,29 +89,22 @@ def test_a_newly_registered_quantizer_is_checked_too() -> None:
     name = "tiny_sign_quantizer"
 
     @lgvq_plugins.register_quantizer(name)
-    class SignQuantizer(nn.Module):  # two codes per channel: ±1, straight-through
+    class SignQuantizer(nn.Module):  # 2**dim fixed codes (±1 per channel), straight-through
         def __init__(self, dim: int):
             super().__init__()
-            self.dim, self.num_codes = dim, 2 ** dim
-            self.config = {"dim": dim}
-            self.register_buffer("powers", 2 ** torch.arange(dim))
+            self.dim, self.num_codes, self.config = dim, 2 ** dim, {"dim": dim}
+            self.register_buffer("bits", 2 ** torch.arange(dim))
 
-        @property
-        def codebook(self):
-            bits = (torch.arange(self.num_codes)[:, None] // self.powers) % 2
-            return bits.float() * 2 - 1
+        codebook = property(lambda self: (torch.arange(self.num_codes)[:, None] // self.bits % 2) * 2.0 - 1)
+
+        def embed(self, idx):
+            return self.codebook[idx].movedim(-1, 1)
 
         def forward(self, z):
-            q = torch.where(z > 0, 1.0, -1.0)
-            idx = ((q > 0).long() * self.powers[:, None, None]).sum(1)
-            z_q = z + (q - z).detach() if self.training else q
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_codes).float()
-            p = counts / counts.sum()
-            stats = {"perplexity": (-(p * p.clamp_min(1e-12).log()).sum()).exp(), "usage": (counts > 0).float().mean()}
-            return Quantized(z_q, idx, F.mse_loss(z, q), stats)
-
-        def embed(self, indices):
-            return self.codebook[indices].movedim(-1, 1)
+            idx = ((z > 0).long() * self.bits[:, None, None]).sum(1)
+            q = self.embed(idx)
+            stats = usage_stats(torch.bincount(idx.flatten(), minlength=self.num_codes))
+            return Quantized(z + (q - z).detach() if self.training else q, idx, F.mse_loss(z, q), stats)
 
     try:
         assert name in lgvq_plugins.list_quantizers()
