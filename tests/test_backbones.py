@@ -393,6 +393,20 @@ def test_quantizer_factory_and_errors() -> None:
     assert model.config["quantizer"] == "vqtorch_vq"
     with pytest.raises(lgvq_plugins.UnknownComponentError, match="Registered quantizers"):
         lgvq_plugins.create_backbone("vqvae", **{**kwargs, "quantizer": "no_such_q"})
+    # an import path rebuilds a quantizer that is not registered under a name
+    path = f"{_ConfiglessQuantizer.__module__}:{_ConfiglessQuantizer.__qualname__}"
+    model = lgvq_plugins.create_backbone("vqvae", **{**kwargs, "quantizer": path, "quantizer_config": {}})
+    assert model.config["quantizer"] == path and isinstance(model.quantizer, _ConfiglessQuantizer)
+    model = lgvq_plugins.create_backbone("vqvae", **{**kwargs, "quantizer": _ConfiglessQuantizer,
+                                                     "quantizer_config": {"num_codes": 4}})
+    assert model.config["quantizer"] == path and model.config["quantizer_config"] == {"num_codes": 4}
+    assert lgvq_plugins.create_backbone("vqvae", **model.config).quantizer.num_codes == 4
+
+    class Local(_ConfiglessQuantizer):
+        pass
+
+    with pytest.raises(ValueError, match="register it"):
+        lgvq_plugins.create_backbone("vqvae", **{**kwargs, "quantizer": Local})
     with pytest.raises(ValueError, match="embed_dim"):
         make("vqvae", "vqtorch_vq", quantizer_config={"dim": 3})
     model = make("vqvae", "vqtorch_vq")
