@@ -7,17 +7,19 @@ discriminator's loss on the detached reconstruction, backward and Adam step. "GA
 cache is warmed first (MiniLM), so the frozen encoder is not run during the timed steps;
 base and guided steps alternate so that other load on the machine hits both alike.
 
-    OMP_NUM_THREADS=2 python benchmarks/guidance.py                       # both geometries
-    OMP_NUM_THREADS=2 python benchmarks/guidance.py --cases quick --steps 10
+    OMP_NUM_THREADS=1 python benchmarks/guidance.py                       # both geometries
+    OMP_NUM_THREADS=1 python benchmarks/guidance.py --cases quick --steps 10
 
-Prints a markdown table (medians over the timed steps, after warm-up) and the text-encoder
-calls of a cold and a warm "epoch" over the benchmark's captions.
+Prints a markdown table (medians over the timed steps, after warm-up; wall-clock and this
+process's CPU time, which is steadier when other jobs share the cores) and the
+text-encoder calls of a cold and a warm "epoch" over the benchmark's captions.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -81,8 +83,8 @@ def make_step(model: LanguageGuided):
     opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc_params, lr=1e-4, betas=(0.5, 0.9)) if disc_params else None
 
-    def step(x: torch.Tensor, caps: list[str], i: int) -> float:
-        t0 = time.perf_counter()
+    def step(x: torch.Tensor, caps: list[str], i: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model(x, caps)
         loss = model.tokenizer.generator_loss(x, out.reconstruction, out.quantized, step=i).loss
         loss = loss + sum(out.losses.values())
@@ -94,7 +96,7 @@ def make_step(model: LanguageGuided):
             opt_d.zero_grad(set_to_none=True)
             d.loss.backward()
             opt_d.step()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     return step, sum(p.numel() for p in params)
 
@@ -121,7 +123,10 @@ def run_case(case: Case, encoder, warmup: int, steps: int) -> dict:
             times_guided.append(tg)
     warm = cache.stats
     return {
-        "base": statistics.median(times_base), "guided": statistics.median(times_guided),
+        "base": statistics.median(t for t, _ in times_base),
+        "guided": statistics.median(t for t, _ in times_guided),
+        "base_cpu": statistics.median(c for _, c in times_base),
+        "guided_cpu": statistics.median(c for _, c in times_guided),
         "params_base": n_base, "params_guided": n_guided,
         "cold_calls": cold.encoder_calls - before.encoder_calls,
         "cold_captions": cold.captions_encoded - before.captions_encoded,
@@ -136,22 +141,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
     parser.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper geometry")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is steadiest when other jobs share the cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     encoder = lgvq_plugins.create_text_encoder("minilm")
     print(f"{args.threads} threads, torch {torch.__version__}, text encoder {encoder.identity}; "
           f"base and guided steps alternate; medians over timed steps after {args.warmup} warm-up\n")
-    print("| geometry | batch | timed steps | base s/step | guided s/step | guided / base | "
-          "trained params base → guided | encoder calls: cold epoch (captions) / warm epoch |")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
+    print("| geometry | batch | timed steps | base s/step (CPU s) | guided s/step (CPU s) | "
+          "guided / base, wall (CPU) | trained params base → guided | "
+          "encoder calls: cold epoch (captions) / warm epoch |")
     print("|---|---:|---:|---:|---:|---:|---|---|")
     for name in args.cases:
         case = CASES[name]
         steps = args.paper_steps if name == "paper" else args.steps
         r = run_case(case, encoder, args.warmup, steps)
-        print(f"| {case.label} | {case.batch} | {steps} | {r['base']:.3f} | {r['guided']:.3f} | "
-              f"{r['guided'] / r['base']:.2f}× | {r['params_base'] / 1e6:.2f} M → {r['params_guided'] / 1e6:.2f} M | "
+        print(f"| {case.label} | {case.batch} | {steps} | {r['base']:.2f} ({r['base_cpu']:.2f}) | "
+              f"{r['guided']:.2f} ({r['guided_cpu']:.2f}) | {r['guided'] / r['base']:.2f}× "
+              f"({r['guided_cpu'] / r['base_cpu']:.2f}×) | "
+              f"{r['params_base'] / 1e6:.2f} M → {r['params_guided'] / 1e6:.2f} M | "
               f"{r['cold_calls']} ({r['cold_captions']} of {r['captions']}) / {r['warm_calls']} |", flush=True)
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ class CodeTextTransformer(nn.Module):
         spatial = rearrange(spatial, "1 c h w -> 1 (h w) c").to(self.pos_embed.dtype)
         return torch.cat([glob, spatial], dim=1)
 
-    def forward(self, z_q: Tensor) -> Tensor:
-        """(B, D, h, w) → (B, 1 + h·w, out_dim)."""
+    def hidden(self, z_q: Tensor) -> Tensor:
+        """(B, D, h, w) → (B, 1 + h·w, width): the normalised states before the output
+        projection, so ``forward(z_q) == proj_out(hidden(z_q))``."""
         if z_q.dim() != 4 or z_q.shape[1] != self.in_dim:
             raise ValueError(f"code-text transformer expects z_q of shape (B, {self.in_dim}, h, w), "
                              f"got {tuple(z_q.shape)}")
@@ -100,7 +101,11 @@ class CodeTextTransformer(nn.Module):
         x = x + self.positional_embedding((h, w)).to(x.dtype)
         for block in self.blocks:
             x = block(x)
-        return self.proj_out(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, z_q: Tensor) -> Tensor:
+        """(B, D, h, w) → (B, 1 + h·w, out_dim)."""
+        return self.proj_out(self.hidden(z_q))
 
 
 class Attention(nn.Module):
@@ -114,11 +119,24 @@ class Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None,
+                context_map: nn.Linear | None = None) -> Tensor:
         """(B, L, C) queries attend to (B, N, C) ``context``; ``key_padding_mask`` (B, N) is
-        True at keys to ignore."""
+        True at keys to ignore.
+
+        With ``context_map``, ``context`` is given *before* that linear map (B, N, C') and
+        keys/values are computed as ``kv(context_map(context))`` by composing the two weight
+        matrices first: the same function and gradients, at C'/C of the cost when C' < C
+        (the code–text transformer's states are narrower than the text width).
+        """
         q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
-        k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        if context_map is None:
+            kv = self.kv(context)
+        else:
+            weight = self.kv.weight @ context_map.weight
+            bias = self.kv.bias + (self.kv.weight @ context_map.bias if context_map.bias is not None else 0)
+            kv = F.linear(context, weight.to(context.dtype), bias.to(context.dtype))
+        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.heads)
         keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -138,9 +156,10 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width, eps=LN_EPS) for _ in range(3))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor, padding_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, padding_mask: Tensor,
+                context_map: nn.Linear | None = None) -> Tensor:
         x = self.norm1(x + self.drop(self.self_attn(x, x, padding_mask)))
-        x = self.norm2(x + self.drop(self.cross_attn(x, context)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, context, context_map=context_map)))
         return self.norm3(x + self.drop(self.mlp(x)))
 
 
@@ -173,13 +192,16 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(width, heads, mlp_ratio, dropout) for _ in range(depth))
         head_init_(self.layers)
 
-    def forward(self, token_feats: Tensor, mask: Tensor, padding_mask: Tensor, visual_tokens: Tensor) -> Tensor:
+    def forward(self, token_feats: Tensor, mask: Tensor, padding_mask: Tensor, visual_tokens: Tensor,
+                visual_map: nn.Linear | None = None) -> Tensor:
         """
         Args:
             token_feats: (B, L, width) frozen text features of the *unmasked* caption.
             mask: (B, L) bool, True where the token is hidden (replaced by the mask embedding).
             padding_mask: (B, L) bool, True at padding (ignored as attention keys).
-            visual_tokens: (B, 1 + h·w, width).
+            visual_tokens: (B, 1 + h·w, width); or, with ``visual_map``, the states that map
+                gives them from (see :meth:`CodeTextTransformer.hidden`), which is cheaper.
+            visual_map: the linear map from ``visual_tokens`` as passed to the real ones.
 
         Returns:
             (B, L, width) decoder states; rows at padding positions are meaningless.
@@ -196,7 +218,7 @@ class TextDecoder(nn.Module):
         padding_mask = padding_mask.clone()
         padding_mask[:, 0] &= ~padding_mask.all(dim=1)
         for layer in self.layers:
-            x = layer(x, visual_tokens.to(dtype), padding_mask)
+            x = layer(x, visual_tokens.to(dtype), padding_mask, visual_map)
         return x
 
 

@@ -64,10 +64,11 @@ class LanguageGuided(nn.Module):
             (the base model of a "+LG vs base" comparison).
         cache_dir: where the text-feature cache persists features (None: in memory only).
         image_size: training image size, to size the positional embeddings from
-            ``tokenizer.grid(image_size)``; default: the tokenizer config's ``image_size``.
-        width: code–text transformer width; default ``2·D`` clamped to [128, 512] (D the
-            code width), so the transformer stays proportionate to the tokenizer it guides
-            (quick start D=64 → 128; paper D=256 → 512).
+            ``tokenizer.grid(image_size)``; default: the tokenizer config's ``image_size``
+            (or ``resolution``). Another size at run time interpolates the embeddings.
+        width: code–text transformer width; default the code width D clamped to [64, 512],
+            so the transformer stays proportionate to the tokenizer it guides (quick start
+            D=64 → 64; paper D=256 → 256).
         depth: code–text transformer blocks (reference: 2).
         heads: code–text transformer attention heads; default ``width // 32``.
         mlp_ratio: MLP width multiple of the code–text transformer blocks.
@@ -94,6 +95,8 @@ class LanguageGuided(nn.Module):
         self.weights: dict[str, float] = {}
         self.code_text: CodeTextTransformer | None = None
         self.alignment_losses = nn.ModuleDict()
+        self.grid: tuple[int, int] | None = None
+        self.image_size = image_size
         if not self.enabled:
             return
 
@@ -107,8 +110,9 @@ class LanguageGuided(nn.Module):
         self._frozen["text_encoder"] = encoder
         self._frozen["text_cache"] = TextFeatureCache(encoder, cache_dir=cache_dir)
 
-        self.grid: tuple[int, int] = tuple(tokenizer.grid(_image_size_of(tokenizer, image_size)))
-        width = width if width is not None else min(512, max(128, 2 * self.code_dim))
+        self.image_size = _image_size_of(tokenizer, image_size)
+        self.grid = tuple(tokenizer.grid(self.image_size))
+        width = width if width is not None else min(512, max(64, self.code_dim))
         heads = heads if heads is not None else max(1, width // 32)
         self.code_text = CodeTextTransformer(self.code_dim, self.visual_width, self.grid, width=width,
                                              depth=depth, heads=heads, mlp_ratio=mlp_ratio,
@@ -187,7 +191,8 @@ class LanguageGuided(nn.Module):
         batch = {} if batch is None else batch
         if captions is None:
             captions = batch.get("caption")
-        visual_tokens = self.code_text(quantized.z_q)
+        hidden = self.code_text.hidden(quantized.z_q)
+        visual_tokens = self.code_text.proj_out(hidden)
         if captions is None:
             if self.training:
                 raise ValueError("LanguageGuided is enabled but got no captions (pass captions= or a "
@@ -199,7 +204,10 @@ class LanguageGuided(nn.Module):
             raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
         with torch.no_grad():
             text = self.text_cache(captions, images.device)
-        guided = GuidedOutput(reconstruction, quantized, text=text, visual_tokens=visual_tokens)
+        # visual_tokens == proj_out(hidden): a loss attending to the visual tokens may use the
+        # narrower hidden states and fold proj_out into its own projection (see mtp).
+        guided = GuidedOutput(reconstruction, quantized, text=text, visual_tokens=visual_tokens,
+                              extras={"visual_factors": (hidden, self.code_text.proj_out)})
         for name, loss_fn in self.alignment_losses.items():
             raw = loss_fn(guided, batch)
             guided.raw_losses[name] = raw

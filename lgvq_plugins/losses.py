@@ -173,9 +173,11 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
         object.__setattr__(self, "_text_encoder", encoder)
         self._is_set_up = True
 
-    def predict(self, visual_tokens: Tensor, text: TextFeatures, mask: Tensor) -> Tensor:
+    def predict(self, visual_tokens: Tensor, text: TextFeatures, mask: Tensor,
+                visual_map: nn.Linear | None = None) -> Tensor:
         """Vocabulary logits (N, V) at the N positions where ``mask`` (B, L) is True, in
-        row-major order (those of ``text.tokens.ids[mask]``)."""
+        row-major order (those of ``text.tokens.ids[mask]``). With ``visual_map``,
+        ``visual_tokens`` are the states that linear map turns into the visual tokens."""
         self._check_setup()
         # Positions past the longest caption are padding in every row: attention ignores
         # them as keys and no loss reads them as queries, so drop them (exactly the same
@@ -184,14 +186,18 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
         feats, padding = text.token_feats[:, :length], text.tokens.padding_mask[:, :length]
         if bool(mask[:, length:].any()):
             raise ValueError("mtp: a mask selects padding positions; masks must come from eligible tokens")
-        states = self.decoder(feats, mask[:, :length], padding, visual_tokens)
+        states = self.decoder(feats, mask[:, :length], padding, visual_tokens, visual_map)
         return self.head(states[mask[:, :length]], self._text_encoder.vocab_embeddings)
 
     def forward(self, guided: GuidedOutput, batch: Mapping[str, Any] | None = None) -> Tensor:
         self._check_setup()
         text = _require_text(guided, "mtp")
         mask, ratio = sample_mlm_mask(text.tokens, self.rule, self.generator)
-        logits = self.predict(guided.visual_tokens, text, mask)
+        factors = guided.extras.get("visual_factors")
+        if factors is not None:  # same result, cheaper: cross-attend through the factored form
+            logits = self.predict(factors[0], text, mask, visual_map=factors[1])
+        else:
+            logits = self.predict(guided.visual_tokens, text, mask)
         targets = text.tokens.ids[mask]
         guided.extras["mtp"] = {"mask": mask, "ratio": ratio, "logits": logits, "targets": targets}
         if targets.numel() == 0:  # no caption has a maskable token: a zero that keeps the graph

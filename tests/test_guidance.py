@@ -317,3 +317,36 @@ def test_gin_weight_presets():
         assert model.enabled and model.weights == weights
         assert model.alignment_losses["gsa"].temperature == 0.5  # registry names are bindable
         assert gin.query_parameter("LanguageGuided.text_encoder") == "minilm"
+
+
+def test_factored_cross_attention_equals_the_plain_one():
+    """mtp cross-attends through (hidden, proj_out): same outputs and gradients as through
+    the visual tokens themselves."""
+    torch.manual_seed(0)
+    ct = CodeTextTransformer(8, 32, (2, 3), width=16, heads=2).double()
+    dec = TextDecoder(32, 6, heads=4).double()
+    z = torch.randn(2, 8, 2, 3, dtype=torch.float64)
+    feats = torch.randn(2, 6, 32, dtype=torch.float64)
+    padding = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 1] = True
+
+    def run(factored: bool):
+        ct.zero_grad()
+        hidden = ct.hidden(z)
+        out = dec(feats, mask, padding, hidden, ct.proj_out) if factored else \
+            dec(feats, mask, padding, ct.proj_out(hidden))
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in ct.parameters()]
+
+    plain, plain_grads = run(False)
+    factored, factored_grads = run(True)
+    assert torch.allclose(plain, factored, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(plain_grads, factored_grads))
+
+
+def test_default_code_text_width_follows_the_code_width():
+    model = LanguageGuided(FakeTokenizer(embed_dim=8), FakeTextEncoder())
+    assert model.code_text.width == 64 and model.code_text.blocks[0].attn.num_heads == 2
+    big = LanguageGuided(FakeTokenizer(embed_dim=96), FakeTextEncoder())
+    assert big.code_text.width == 96 and big.code_text.blocks[0].attn.num_heads == 3
