@@ -105,6 +105,7 @@ def nearest_codes(
     # One flat buffer reused by every tile: a contiguous view of its head is a valid `out=`,
     # which spares a large allocation (and its page faults) per tile.
     buffer = torch.empty(rows * cols, dtype=torch.float32, device=device)
+    noise_buffer = torch.empty_like(buffer) if per_code == "sample" else None
 
     for n0 in range(0, n_vec, rows):
         n1 = min(n0 + rows, n_vec)
@@ -127,8 +128,10 @@ def nearest_codes(
                     tile.neg_()
                 elif per_code == "sample":
                     tile.mul_(-logit_scale)
-                    noise = torch.empty_like(tile).exponential_(generator=generator)
-                    tile.sub_(noise.log_())  # −log Exp(1) is Gumbel(0, 1)
+                    # −log U ~ Exp(1) and −log Exp(1) ~ Gumbel(0, 1); uniform_ plus two logs is
+                    # several times faster on the CPU than exponential_
+                    noise = noise_buffer[: tile.numel()].view_as(tile).uniform_(generator=generator)
+                    tile.sub_(noise.log_().neg_().log_())
                 else:
                     raise ValueError(f"per_code must be 'closest', 'sample' or None, got {per_code!r}")
                 # max over dim 0 with indices is several times slower on CPU than amax plus
