@@ -230,6 +230,22 @@ def test_search_tiles_respect_the_budget_and_agree() -> None:
     assert torch.equal(full.code_arg, d.argmin(0))  # per-code closest vector
 
 
+def test_vq_never_holds_more_than_one_tile_of_distances(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[tuple[int, ...]] = []
+    real_addmm = torch.addmm
+
+    def recording_addmm(*args, **kwargs):
+        result = real_addmm(*args, **kwargs)
+        shapes.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
+    q = VectorQuantizer(dim=8, num_codes=300, chunk_size=1000)
+    q(torch.randn(2, 8, 16, 16))  # N = 512 vectors: the full matrix would be 153,600 entries
+    assert shapes and max(r * c for r, c in shapes) <= 1000
+    assert sum(r * c for r, c in shapes) == 512 * 300  # every distance computed exactly once
+
+
 def test_per_code_sampling_follows_the_softmax() -> None:
     # one code, four vectors at squared distances 0, 1, 2, 3: P(n) ∝ exp(-scale·d_n)
     codes = torch.zeros(1, 1)
