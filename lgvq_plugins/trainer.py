@@ -42,6 +42,10 @@ from .interfaces import GuidedOutput, LossOutput
 from .logging_utils import MetricsLogger, to_float
 
 
+#: log entries shown on the progress bar (tokenizers name their reconstruction term differently)
+_PROGRESS_KEYS = ("loss", "rec_loss", "rec", "q_usage", "disc_loss", "images_per_sec")
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf; training stopped before any update used it."""
 
@@ -388,8 +392,7 @@ class Trainer:
                     logs["images_per_sec"] = images / max(dt, 1e-9)
                     self.last_train_logs = logs
                     bar.update(1)
-                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "rec_loss", "images_per_sec") if k in logs},
-                                    refresh=False)
+                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in _PROGRESS_KEYS if k in logs}, refresh=False)
                     if self.log_every and self.step % self.log_every == 0:
                         logs["images_per_sec"] = window_images / max(window_time, 1e-9)
                         window_images, window_time = 0, 0.0
