@@ -28,7 +28,7 @@ import gin
 import torch
 
 import lgvq_plugins
-from lgvq_plugins.config import bundled_gin_dir, resolve_gin_file
+from lgvq_plugins.config import parse_gin
 from lgvq_plugins.guidance import LanguageGuided
 
 
@@ -42,8 +42,10 @@ class Case:
     bindings: list[str] = field(default_factory=list)
 
 
-# The quick start (gin/backbones/cvq.gin: 64×64 → 16×16) and the paper's first stage
-# (256×256 → 16×16, D=256, batch 8; no LPIPS: its weights are not available offline).
+# The quick-start geometry of the backbone block (gin/backbones/cvq.gin: 64×64 → 16×16,
+# D=64), the quick start as shipped (gin/cvq_lg.gin: 32×32 → 16×16, D=32, with its own
+# LanguageGuided bindings), and the paper's first stage (256×256 → 16×16, D=256, batch 8;
+# no LPIPS: its weights are not available offline).
 PAPER = ["vqgan.ch = 128", "vqgan.ch_mult = (1, 1, 2, 2, 4)", "vqgan.num_res_blocks = 2",
          "vqgan.resolution = 256", "vqgan.z_channels = 256", "vqgan.embed_dim = 256",
          "vqgan.disc_ndf = 64", "vqgan.disc_n_layers = 3"]
@@ -51,6 +53,10 @@ CASES = {
     "quick": Case("quick start: cvq, 64×64 → 16×16, GAN off", "backbones/cvq.gin", "vqgan", 64, 16),
     "quick-gan": Case("quick start: cvq, 64×64 → 16×16, GAN on", "backbones/cvq.gin", "vqgan", 64, 16,
                       ["vqgan.disc_start = 0"]),
+    "cvq_lg": Case("quick start as shipped (cvq_lg.gin): 32×32 → 16×16, GAN off", "cvq_lg.gin",
+                   "vqgan", 32, 16),
+    "cvq_lg-gan": Case("quick start as shipped (cvq_lg.gin): 32×32 → 16×16, GAN on", "cvq_lg.gin",
+                       "vqgan", 32, 16, ["vqgan.disc_start = 0"]),
     "paper": Case("paper: cvq, 256×256 → 16×16, GAN off", "backbones/cvq.gin", "vqgan", 256, 8, PAPER),
 }
 
@@ -66,14 +72,14 @@ def captions(n: int) -> list[str]:
 
 
 def build(case: Case, enabled: bool, encoder) -> LanguageGuided:
+    """Tokenizer and guidance as the case's gin file binds them (defaults otherwise)."""
     gin.clear_config()
-    lgvq_plugins.list_backbones()  # load plugins so their configurables exist before parsing
-    gin.add_config_file_search_path(str(bundled_gin_dir()))
-    gin.parse_config_files_and_bindings([str(resolve_gin_file(case.gin_file))], case.bindings)
+    parse_gin([case.gin_file], case.bindings)
     torch.manual_seed(0)
     tokenizer = lgvq_plugins.create_backbone(case.backbone)
+    model = LanguageGuided(tokenizer, encoder, enabled=enabled, image_size=case.size)
     gin.clear_config()
-    return LanguageGuided(tokenizer, encoder, enabled=enabled, image_size=case.size)
+    return model
 
 
 def make_step(model: LanguageGuided):
@@ -137,10 +143,12 @@ def run_case(case: Case, encoder, warmup: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["quick", "quick-gan", "paper"])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["quick", "quick-gan", "cvq_lg", "cvq_lg-gan", "paper"])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
     parser.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper geometry")
+    parser.add_argument("--bindings", nargs="*", default=[],
+                        help="extra gin bindings for every case, e.g. 'LanguageGuided.width = 64'")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is steadiest when other jobs share the cores)")
     args = parser.parse_args()
@@ -148,6 +156,8 @@ def main() -> None:
     encoder = lgvq_plugins.create_text_encoder("minilm")
     print(f"{args.threads} threads, torch {torch.__version__}, text encoder {encoder.identity}; "
           f"base and guided steps alternate; medians over timed steps after {args.warmup} warm-up\n")
+    if args.bindings:
+        print(f"extra gin bindings: {'; '.join(args.bindings)}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
     print("| geometry | batch | timed steps | base s/step (CPU s) | guided s/step (CPU s) | "
           "guided / base, wall (CPU) | trained params base → guided | "
@@ -155,6 +165,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---|---|")
     for name in args.cases:
         case = CASES[name]
+        case = Case(case.label, case.gin_file, case.backbone, case.size, case.batch,
+                    [*case.bindings, *args.bindings])
         steps = args.paper_steps if name == "paper" else args.steps
         r = run_case(case, encoder, args.warmup, steps)
         print(f"| {case.label} | {case.batch} | {steps} | {r['base']:.2f} ({r['base_cpu']:.2f}) | "
