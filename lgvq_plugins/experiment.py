@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import gin
 import torch

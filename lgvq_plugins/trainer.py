@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import gin
 import numpy as np
@@ -576,12 +577,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0; every rank's RNG state included)."""
         rng = ckpt_io.get_rng_state(self.model)
-        if D.is_distributed():
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, rng)  # our own processes' RNG lists, not a file
-            rngs = gathered
-        else:
-            rngs = [rng]
+        rngs = _all_gather_json(rng)
         path = None
         if self.is_main_process:
             state = self.model.state_dict()
@@ -699,6 +695,21 @@ def _create_scheduler(optimizer: torch.optim.Optimizer, name: str | None, max_st
                                    warmup_lr=base / max(warmup_steps, 1), min_lr=min_lr,
                                    step_on_epochs=False, updates_per_epoch=1)
     return sched
+
+
+def _all_gather_json(obj: Any) -> list[Any]:
+    """Every rank's JSON-serialisable ``obj``, in rank order (JSON bytes in padded uint8
+    tensors: nothing is pickled)."""
+    if not D.is_distributed():
+        return [obj]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    lengths = D.all_gather_cat(length).tolist()
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    chunks = D.all_gather_cat(padded[None])  # (world, max_len)
+    return [json.loads(bytes(chunks[r, :n].cpu().tolist()).decode("utf-8")) for r, n in enumerate(lengths)]
 
 
 def _accumulate(sums: dict[str, float], key: str, value: Any) -> None:
