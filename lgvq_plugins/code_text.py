@@ -19,7 +19,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 #: LayerNorm epsilon for every layer here: 1e-12 (the reference) underflows in fp16.
@@ -67,6 +66,8 @@ class CodeTextTransformer(nn.Module):
         self.global_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + h * w, width))
         norm = partial(nn.LayerNorm, eps=LN_EPS)
+        from timm.models.vision_transformer import Block  # imported here: timm is slow to import
+
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout,
                   attn_drop=dropout, norm_layer=norm)
