@@ -43,6 +43,12 @@ def _common_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """A context computing similarities in the inputs' (>= fp32) precision even under
+    autocast: bf16 cosine similarities are too coarse for these losses."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _require_text(guided: GuidedOutput, loss: str) -> TextFeatures:
     if guided.text is None or guided.visual_tokens is None:
         raise ValueError(f"alignment loss {loss!r} needs caption features and visual tokens; "
@@ -79,13 +85,14 @@ def info_nce(visual: Tensor, text: Tensor, *, temperature: float = 1.0, symmetri
     Computed in fp32 with ``cross_entropy`` (never ``log(exp/sum)``).
     """
     dtype = _common_dtype(visual, text)
-    v = F.normalize(visual.to(dtype), dim=-1, eps=eps)
-    g = F.normalize(text.detach().to(dtype), dim=-1, eps=eps)
-    labels = torch.arange(v.shape[0], device=v.device) + rank() * v.shape[0]
-    loss = F.cross_entropy(v @ all_gather_cat(g).T / temperature, labels)
-    if symmetric:
-        text_to_image = F.cross_entropy(g @ all_gather_cat_with_grad(v).T / temperature, labels)
-        loss = 0.5 * (loss + text_to_image)
+    with _no_autocast(visual):
+        v = F.normalize(visual.to(dtype), dim=-1, eps=eps)
+        g = F.normalize(text.detach().to(dtype), dim=-1, eps=eps)
+        labels = torch.arange(v.shape[0], device=v.device) + rank() * v.shape[0]
+        loss = F.cross_entropy(v @ all_gather_cat(g).T / temperature, labels)
+        if symmetric:
+            text_to_image = F.cross_entropy(g @ all_gather_cat_with_grad(v).T / temperature, labels)
+            loss = 0.5 * (loss + text_to_image)
     return loss
 
 
@@ -236,18 +243,21 @@ def relationship_alignment(token_feats: Tensor, visual_tokens: Tensor, z_q: Tens
         ``(loss, n_star)`` with ``n_star`` (B, L) the chosen visual position of each word.
     """
     dtype = _common_dtype(token_feats, visual_tokens)
-    t = F.normalize(token_feats.to(dtype), dim=-1, eps=eps)
-    v = F.normalize(visual_tokens.to(dtype), dim=-1, eps=eps)
-    a, n_star = torch.einsum("bld,bnd->bln", t, v).max(dim=-1)  # (B, L) each
+    with _no_autocast(token_feats):
+        t = F.normalize(token_feats.to(dtype), dim=-1, eps=eps)
+        v = F.normalize(visual_tokens.to(dtype), dim=-1, eps=eps)
+        a, n_star = torch.einsum("bld,bnd->bln", t, v).max(dim=-1)  # (B, L) each
     codes = rearrange(z_q, "b d h w -> b (h w) d")
     codes = torch.gather(codes, 1, n_star[..., None].expand(-1, -1, codes.shape[-1]))  # (B, L, Dq)
-    c = _fp32(project(codes))
-    if weight_by_similarity:
-        c = c * a[..., None]
-    c = F.normalize(c, dim=-1, eps=eps)
-    p = c @ c.transpose(1, 2)
-    q = (t @ t.transpose(1, 2)).detach()
-    err = (p - q).square()  # (B, L, L)
+    c = project(codes)  # under autocast if the caller uses it
+    with _no_autocast(token_feats):
+        c = c.to(_common_dtype(c, t))
+        if weight_by_similarity:
+            c = c * a[..., None]
+        c = F.normalize(c, dim=-1, eps=eps)
+        p = c @ c.transpose(1, 2)
+        q = (t @ t.transpose(1, 2)).detach()
+        err = (p - q).square()  # (B, L, L)
     if reduction == "reference":
         return err.mean(), n_star
     if reduction != "real_words":

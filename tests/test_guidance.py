@@ -350,3 +350,19 @@ def test_default_code_text_width_follows_the_code_width():
     assert model.code_text.width == 64 and model.code_text.blocks[0].attn.num_heads == 2
     big = LanguageGuided(FakeTokenizer(embed_dim=96), FakeTextEncoder())
     assert big.code_text.width == 96 and big.code_text.blocks[0].attn.num_heads == 3
+
+
+def test_alignment_losses_in_fp32_under_bf16_autocast():
+    model = _guided(losses={"gsa": 1.0, "mtp": 1.0, "ras": 1.0})
+    x = _images()
+    torch.manual_seed(0)
+    reference = model(x, CAPTIONS).raw_losses
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, CAPTIONS)
+        sum(out.losses.values()).backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.raw_losses.values())
+    # the code-text transformer runs in bf16, the similarities in fp32
+    for name in ("gsa", "ras"):
+        assert out.raw_losses[name].item() == pytest.approx(reference[name].item(), rel=0.05)
+    assert model.tokenizer.encoder[0].weight.grad.abs().sum() > 0
