@@ -134,6 +134,26 @@ def test_discriminator_gets_only_its_own_gradient(tmp_path):
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    """2 micro-batches of 4 give the update of one batch of 8 (same samples, mean losses).
+    SGD, not Adam: Adam's first step is blind to the gradient's scale."""
+    big = make_trainer(tmp_path / "big", disc=False, max_steps=1, batch_size=8, scheduler=None, optimizer="sgd")
+    big.fit()
+    acc = make_trainer(tmp_path / "acc", disc=False, max_steps=1, batch_size=4, grad_accum_steps=2,
+                       scheduler=None, optimizer="sgd")
+    acc.fit()
+    for (k, v), w in zip(weights(big).items(), weights(acc).values()):
+        assert torch.allclose(v, w, atol=1e-6), k
+    assert acc.images_seen == big.images_seen == 8
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    t = make_trainer(tmp_path, max_steps=2, precision="bf16")
+    t.fit()
+    assert t.step == 2 and math.isfinite(t.last_train_logs["loss"])
+    assert make_trainer(tmp_path / "auto", max_steps=1).precision == "fp32"  # auto: fp32 on CPU
+
+
 def test_frozen_restores_requires_grad():
     p, q = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1), requires_grad=False)
     with frozen([p, q]):
