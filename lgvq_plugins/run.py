@@ -56,10 +56,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     experiment.write_config(files, args.gin_bindings)
     experiment.build()
     experiment.write_operative_config(gin.operative_config_str())
-    metrics = experiment.run()
+    try:
+        metrics = experiment.run()
+    except BaseException:
+        _shutdown_distributed(synchronise=False)  # a peer may never reach a barrier now
+        raise
+    _shutdown_distributed()
     if experiment.is_main_process:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _shutdown_distributed(synchronise: bool = True) -> None:
+    """Leave the process group cleanly: a rank that exits while a peer is still inside a
+    gloo collective can abort the peer."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

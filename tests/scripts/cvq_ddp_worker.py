@@ -70,6 +70,7 @@ def main() -> None:
                     "histogram": quantizer.usage_histogram.clone()},
                    out_dir / f"{case}_rank{rank}.pt")
     print(f"rank {rank}: quantizer ddp done", flush=True)
+    dist.barrier()  # no rank tears gloo down while a peer is still talking to it
     dist.destroy_process_group()
 
 

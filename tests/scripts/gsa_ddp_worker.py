@@ -53,6 +53,7 @@ def main() -> None:
             local = single_process(v_full[mine], g_full[mine], temperature, symmetric)
             assert not torch.allclose(loss.detach(), local)
     print(f"rank {rank}: gsa ddp ok", flush=True)
+    dist.barrier()  # no rank tears gloo down while a peer is still talking to it
     dist.destroy_process_group()
 
 
