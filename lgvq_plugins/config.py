@@ -3,13 +3,16 @@ after every plugin has registered its configurables."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import gin
+from gin import config as gin_config
 
 from .plugins import get_host
 
@@ -71,7 +74,28 @@ def parse_gin(files: Sequence[str | os.PathLike[str]] = (), bindings: Iterable[s
     resolved = [resolve_gin_file(f) for f in files]
     search_paths = [bundled_gin_dir(), *(p.parent for p in resolved)]
     for path in search_paths:
-        gin.add_config_file_search_path(str(path))
-    gin.parse_config_files_and_bindings([str(p) for p in resolved], list(bindings),
-                                        finalize_config=finalize)
+        if str(path) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001 - avoid piling up duplicates
+            gin.add_config_file_search_path(str(path))
+    with _quiet_include_probing():
+        gin.parse_config_files_and_bindings([str(p) for p in resolved], list(bindings),
+                                            finalize_config=finalize)
     return resolved
+
+
+class _DropPathNotFound(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_include_probing():
+    """gin tries each search path in turn for an ``include`` and logs an ERROR for every
+    folder that lacks the file, even when a later folder has it. Those lines look like
+    failures to users; a real miss still raises with the list of searched paths."""
+    quiet = _DropPathNotFound()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
