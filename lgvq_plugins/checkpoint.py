@@ -67,14 +67,7 @@ def _fsync_path(path: Path) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a fsync'ed temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
