@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import lgvq_plugins
+from lgvq_plugins.checkpoint import to_jsonable
 from lgvq_plugins.interfaces import LossOutput, Quantized
 
 from .layers import Decoder, Encoder, downsample_factor, latent_grid
@@ -30,15 +31,6 @@ def _json_safe(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _to_json(value: Any) -> Any:
-    """Tuples become lists (JSON has no tuple); everything else must already be JSON."""
-    if isinstance(value, (tuple, list)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    return value
 
 
 def _factory_name(factory: Callable[..., Any]) -> str:
@@ -106,7 +98,7 @@ def build_quantizer(quantizer: QuantizerSpec, quantizer_config: Mapping[str, Any
                 resolved = {}
         resolved.update(settings)
         resolved.pop("dim", None)
-    return module, name, _to_json(resolved)
+    return module, name, to_jsonable(resolved)
 
 
 class VQTokenizer(nn.Module):
@@ -139,7 +131,7 @@ class VQTokenizer(nn.Module):
         config = {k: v for k, v in args.items() if k not in {"self", "__class__"}}
         config["quantizer"] = self._quantizer_name
         config["quantizer_config"] = self._quantizer_config
-        config = _to_json(config)
+        config = to_jsonable(config)
         bad = [k for k, v in config.items() if not _json_safe(v)]
         if bad:
             raise TypeError(f"{type(self).__name__} arguments {bad} are not JSON-serialisable; the "

@@ -116,8 +116,8 @@ def flatten_optimizer_state(state: Mapping[str, Any], prefix: str) -> tuple[dict
             if isinstance(value, Tensor):
                 tensors[f"{prefix}.state.{index}.{name}"] = value
             else:
-                scalars.setdefault(str(index), {})[name] = _jsonable(value)
-    meta = {"param_groups": _jsonable(state["param_groups"]), "scalars": scalars,
+                scalars.setdefault(str(index), {})[name] = to_jsonable(value)
+    meta = {"param_groups": to_jsonable(state["param_groups"]), "scalars": scalars,
             "tensor_keys": sorted(tensors)}
     return tensors, meta
 
@@ -152,13 +152,15 @@ def unflatten_optimizer_state(tensors: Mapping[str, Tensor], meta: Mapping[str, 
     return {"state": state, "param_groups": groups}
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON values from nested tuples/lists/mappings, tensors and numpy scalars
+    (tuples become lists, keys strings); anything else is returned unchanged."""
     if isinstance(value, Tensor):
         return value.tolist()
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     return value
@@ -318,7 +320,7 @@ def save_checkpoint(directory: str | os.PathLike[str], ckpt: Checkpoint, *, keep
         save_tensors(optim_tensors, tmp / OPTIM_FILE)
         state = {**ckpt.state, "optimizers": optim_meta, "format_version": FORMAT_VERSION,
                  "files": sorted(p.name for p in tmp.iterdir()) + [STATE_FILE]}
-        write_json_atomic(tmp / STATE_FILE, _jsonable(state))
+        write_json_atomic(tmp / STATE_FILE, to_jsonable(state))
         _fsync_path(tmp)
         if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
             trash = directory / f"{_TMP_PREFIX}old-{name}.{uuid.uuid4().hex[:8]}"

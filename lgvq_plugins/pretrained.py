@@ -22,7 +22,7 @@ from torch import nn
 
 import lgvq_plugins
 
-from .checkpoint import load_tensors, save_tensors, write_json_atomic
+from .checkpoint import load_tensors, save_tensors, to_jsonable, write_json_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,13 +43,12 @@ def _registry_name(tokenizer: nn.Module) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    raise TypeError(f"config value {value!r} ({type(value).__name__}) is not JSON-serialisable")
+    converted = to_jsonable(value)
+    try:
+        json.dumps(converted)
+    except (TypeError, ValueError):
+        raise TypeError(f"config value {value!r} ({type(value).__name__}) is not JSON-serialisable") from None
+    return converted
 
 
 def guidance_settings(model: nn.Module) -> dict[str, Any] | None:
