@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lgvq_plugins import distributed
+from lgvq_plugins.training import distributed
 from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.interfaces import Quantized
 

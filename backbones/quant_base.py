@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lgvq_plugins import distributed
+from lgvq_plugins.training import distributed
 
 
 def to_rows(z: Tensor, dim: int, setting: str = "dim") -> tuple[Tensor, tuple[int, ...]]:

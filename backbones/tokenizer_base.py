@@ -16,8 +16,8 @@ import gin
 import torch
 from torch import Tensor, nn
 
-import lgvq_plugins
-from lgvq_plugins.checkpoint import to_jsonable
+from lgvq_plugins import api
+from lgvq_plugins.training.checkpoint import to_jsonable
 from lgvq_plugins.interfaces import LossOutput, Quantized
 
 from .layers import Decoder, Encoder, downsample_factor, latent_grid
@@ -35,7 +35,7 @@ def _json_safe(value: Any) -> bool:
 
 def _factory_name(factory: Callable[..., Any]) -> str:
     """Registry name of a registered factory, else its import path ``module:qualname``."""
-    reg = lgvq_plugins.registry("quantizer")
+    reg = api.registry("quantizer")
     for name in reg.names():
         entry = reg.entry(name)
         if factory is entry.factory or factory is entry.original:
@@ -72,7 +72,7 @@ def build_quantizer(quantizer: QuantizerSpec, quantizer_config: Mapping[str, Any
                          f"{dim}; the quantizer width always follows embed_dim, drop 'dim'")
     settings.pop("dim", None)
     if isinstance(quantizer, str) and ":" not in quantizer:
-        module = lgvq_plugins.create_quantizer(quantizer, **settings, dim=dim)
+        module = api.create_quantizer(quantizer, **settings, dim=dim)
         name = quantizer
         gin_name = f"lgvq.quantizer.{quantizer}"
     else:
@@ -80,7 +80,7 @@ def build_quantizer(quantizer: QuantizerSpec, quantizer_config: Mapping[str, Any
         if not callable(factory):
             raise TypeError(f"quantizer must be a registry name or a callable, got {quantizer!r}")
         name = quantizer if isinstance(quantizer, str) else _factory_name(factory)
-        module = (lgvq_plugins.create_quantizer(name, **settings, dim=dim) if ":" not in name
+        module = (api.create_quantizer(name, **settings, dim=dim) if ":" not in name
                   else factory(**settings, dim=dim))
         gin_name = f"lgvq.quantizer.{name}" if ":" not in name else None
     if getattr(module, "dim", dim) != dim:

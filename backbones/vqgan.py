@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-import lgvq_plugins
+from lgvq_plugins import api
 from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.interfaces import LossOutput, Quantized
 
@@ -98,7 +98,7 @@ class VQGAN(VQTokenizer):
         self.disc_weight = float(disc_weight)
         self.disc_factor = float(disc_factor)
         self._d_loss = D_LOSSES[disc_loss]
-        self.perceptual_loss = lgvq_plugins.create_metric(perceptual, **dict(perceptual_config or {}))
+        self.perceptual_loss = api.create_metric(perceptual, **dict(perceptual_config or {}))
         self.discriminator = NLayerDiscriminator(3, ndf=disc_ndf, n_layers=disc_n_layers, norm=disc_norm)
         # The perceptual network is a frozen loss, not part of the tokenizer: keep it out of
         # checkpoints (LPIPS-VGG alone is ~58 MB) and don't expect it when loading them.

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lgvq_plugins
-from lgvq_plugins import shapes_scene
+from lgvq_plugins.data import shapes_scene
 
 
 def measure(fn: Callable[[int], object], count: int) -> tuple[float, float]:

@@ -18,7 +18,7 @@ import time
 import torch
 
 import lgvq_plugins
-from lgvq_plugins.text_cache import TextFeatureCache
+from lgvq_plugins.text.cache import TextFeatureCache
 
 WORDS = ("a red blue green small large circle square triangle left right of above below "
          "the next to two three star disc near far bright dark striped").split()

@@ -40,9 +40,8 @@ def throughput(gin_file: str, guidance: bool, steps: int, warmup: int, extra: li
     import gin
     import torch
 
-    import lgvq_plugins
     from lgvq_plugins.config import parse_gin
-    from lgvq_plugins.experiment import Experiment
+    from lgvq_plugins.training.experiment import Experiment
 
     gin.clear_config()
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,10 +12,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import registry
-from .config import bundled_configs
-from .plugins import plugin_infos
-from .registry import KINDS
+from lgvq_plugins import registry
+from lgvq_plugins.config import bundled_configs
+from lgvq_plugins.plugins import plugin_infos
+from lgvq_plugins.registry import KINDS
 
 
 def _print_plugins() -> None:
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("run", help="train/evaluate an experiment (see python -m lgvq_plugins.run -h)",
                    add_help=False)
     if argv and argv[0] == "run":
-        from .run import main as run_main
+        from lgvq_plugins.run import main as run_main
 
         run_main(argv[1:])
         return 0

@@ -14,12 +14,16 @@ from typing import Iterable, Sequence
 import gin
 from gin import config as gin_config
 
-from .plugins import get_host
+from lgvq_plugins.plugins import get_host
 
 
 #: Modules whose ``@gin.configurable`` classes (Experiment, Trainer, LanguageGuided, ...)
 #: gin files refer to; imported before parsing so every name is known.
-CONFIGURABLE_MODULES: tuple[str, ...] = ("lgvq_plugins.experiment",)
+CONFIGURABLE_MODULES: tuple[str, ...] = (
+    "lgvq_plugins.training.experiment",
+    "lgvq_plugins.training.trainer",
+    "lgvq_plugins.guidance.model",
+)
 
 
 def bundled_gin_dir() -> Path:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
-from .registry import KINDS, Registry
+from lgvq_plugins import hookspecs
+from lgvq_plugins.registry import KINDS, Registry
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 
@@ -33,10 +33,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lgvq_plugins.backbones.vqvae",
     "lgvq_plugins.backbones.vqgan",
     "lgvq_plugins.backbones.perceptual",
-    "lgvq_plugins.text_encoders",
-    "lgvq_plugins.losses",
-    "lgvq_plugins.shapes",
-    "lgvq_plugins.metrics",
+    "lgvq_plugins.text.plugin",
+    "lgvq_plugins.guidance.losses",
+    "lgvq_plugins.data.shapes",
+    "lgvq_plugins.evaluation.metrics",
 )
 
 #: hook name → registry kind

@@ -20,9 +20,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-import lgvq_plugins
+from lgvq_plugins import api
+from lgvq_plugins._version import __version__
 
-from .checkpoint import load_tensors, save_tensors, to_jsonable, write_json_atomic
+from lgvq_plugins.training.checkpoint import load_tensors, save_tensors, to_jsonable, write_json_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +56,7 @@ def guidance_settings(model: nn.Module) -> dict[str, Any] | None:
     """What rebuilds ``model``'s guidance around a tokenizer (None for a bare tokenizer).
 
     Prefers ``model.lgvq_guidance_config`` (the constructor arguments, recorded by
-    :class:`~lgvq_plugins.experiment.Experiment` from gin); otherwise reads what the module
+    :class:`~lgvq_plugins.training.experiment.Experiment` from gin); otherwise reads what the module
     exposes (enabled, text encoder registry name, loss weights).
     """
     if _tokenizer_of(model) is model:
@@ -111,7 +112,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
         settings = {k: v for k, v in settings.items() if v is not None}
     config = {
         "format": FORMAT,
-        "lgvq_plugins_version": lgvq_plugins.__version__,
+        "lgvq_plugins_version": __version__,
         "backbone": {"name": _registry_name(tokenizer), "config": _jsonable(dict(tokenizer.config))},
         "guidance": _jsonable(settings) if settings is not None else None,
         # prefix of the tokenizer's weights inside model.safetensors
@@ -150,12 +151,12 @@ def from_pretrained(directory: str | os.PathLike[str], *, guidance: bool | None 
     directory = Path(directory)
     config = load_pretrained_config(directory)
     backbone = config["backbone"]
-    tokenizer = lgvq_plugins.create_backbone(backbone["name"], **backbone["config"])
+    tokenizer = api.create_backbone(backbone["name"], **backbone["config"])
     state = load_tensors(directory / WEIGHTS_FILE)
     settings = config.get("guidance")
     want_guidance = settings is not None if guidance is None else guidance
     if want_guidance:
-        from .guidance import LanguageGuided
+        from lgvq_plugins.guidance.model import LanguageGuided
 
         kwargs = {**(settings or {}), **guidance_overrides}
         model: nn.Module = LanguageGuided(tokenizer, **kwargs)

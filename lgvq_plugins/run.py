@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import gin
 
-from .config import parse_gin
+from lgvq_plugins.config import parse_gin
 
 EPILOG = """examples:
   python -m lgvq_plugins.run --gin gin/cvq_lg.gin
@@ -49,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         build_parser().error("at least one --gin file is required (try --gin cvq_lg.gin)")
     files = parse_gin(args.gin, args.gin_bindings)
 
-    from .experiment import Experiment  # imported late: it pulls in torch-heavy modules
+    from lgvq_plugins.training.experiment import Experiment  # imported late: it pulls in torch-heavy modules
 
     overrides = {k: v for k, v in {"name": args.name, "root": args.root}.items() if v is not None}
     experiment = Experiment(resume=args.resume, **overrides)  # absent flags leave gin's values

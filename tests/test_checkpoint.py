@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lgvq_plugins import checkpoint as C
+from lgvq_plugins.training import checkpoint as C
 
 
 def _adam_after_steps(model: nn.Module, steps: int = 2) -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ from torch import nn
 
 import lgvq_plugins
 from fakes import CAPTIONS, FakeTextEncoder, FakeTokenizer
-from lgvq_plugins.code_text import CodeTextTransformer, TextDecoder
+from lgvq_plugins.guidance.code_text import CodeTextTransformer, TextDecoder
 from lgvq_plugins.guidance import REFERENCE_LOSS_WEIGHTS, LanguageGuided
 from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.interfaces import GuidedOutput

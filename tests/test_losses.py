@@ -12,9 +12,9 @@ from torch import nn
 
 from fakes import FakeTextEncoder
 from lgvq_plugins.interfaces import GuidedOutput, Quantized, TextFeatures, TextTokens
-from lgvq_plugins.losses import (GlobalSemanticAlignment, MaskedTextPrediction, RelationshipAlignment,
+from lgvq_plugins.guidance.losses import (GlobalSemanticAlignment, MaskedTextPrediction, RelationshipAlignment,
                                  info_nce, relationship_alignment)
-from lgvq_plugins.masking import MaskingRule, eligible_tokens, mask_k_per_caption, sample_mlm_mask
+from lgvq_plugins.guidance.masking import MaskingRule, eligible_tokens, mask_k_per_caption, sample_mlm_mask
 
 
 def _cos(a: list[float], b: list[float]) -> float:

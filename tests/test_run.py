@@ -12,10 +12,10 @@ import torch
 
 import lgvq_plugins
 from lgvq_plugins.config import bundled_configs, bundled_gin_dir, parse_gin
-from lgvq_plugins.experiment import Experiment, RunDirectoryError, config_identity
+from lgvq_plugins.training.experiment import Experiment, RunDirectoryError, config_identity
 from lgvq_plugins.pretrained import from_pretrained, save_pretrained
 from lgvq_plugins.run import main
-from lgvq_plugins.trainer import ConfigMismatchError, Trainer
+from lgvq_plugins.training.trainer import ConfigMismatchError, Trainer
 
 TINY = str(bundled_gin_dir() / "tiny.gin")
 RUN_FILES = [c for c in bundled_configs() if "/" not in c]  # building blocks live in folders

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 import lgvq_plugins
 from lgvq_plugins.config import parse_gin
 
-# The documented label ids (lgvq_plugins/shapes.py docstring): written out here on purpose.
+# The documented label ids (lgvq_plugins/data/shapes.py docstring): written out here on purpose.
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]  # semantic id = index + 1
 COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "white"]  # colour id = index + 1
 SIZES = ["small", "large"]
@@ -299,7 +299,7 @@ def test_lone_objects_fall_in_their_splits_share():
     """One-object scenes are placed so that the hash of what their label maps show (shape,
     colour, pixel box) names their split: the same lone-object layout cannot occur in two
     splits. Checked with the box read back from the semantic map."""
-    from lgvq_plugins.shapes import SPLITS, _lone_object_split
+    from lgvq_plugins.data.shapes import SPLITS, _lone_object_split
 
     for split in SPLITS:
         ds, seen = make(split, max_objects=1, num_samples=60), 0

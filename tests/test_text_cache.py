@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lgvq_plugins.interfaces import TextFeatures, TextTokens
-from lgvq_plugins.text_cache import TextFeatureCache
+from lgvq_plugins.text.cache import TextFeatureCache
 
 pytest.importorskip("open_clip")
-from lgvq_plugins.text_clip import OpenCLIPTextEncoder  # noqa: E402
+from lgvq_plugins.text.clip import OpenCLIPTextEncoder  # noqa: E402
 
 TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "hello !$ world", "a blue square", ""]
@@ -208,7 +208,7 @@ def test_pending_rows_are_written_at_exit(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from lgvq_plugins.interfaces import TextFeatures, TextTokens
-        from lgvq_plugins.text_cache import TextFeatureCache
+        from lgvq_plugins.text.cache import TextFeatureCache
 
         class Fake:
             identity, max_length, width, global_width = "fake-v1", 4, 3, 2

@@ -14,8 +14,8 @@ from lgvq_plugins.interfaces import TextEncoder
 
 open_clip = pytest.importorskip("open_clip")
 
-from lgvq_plugins.text_clip import OpenCLIPTextEncoder, PretrainedWeightsUnavailableError  # noqa: E402
-from lgvq_plugins.text_hf import HFTextEncoder, minilm  # noqa: E402
+from lgvq_plugins.text.clip import OpenCLIPTextEncoder, PretrainedWeightsUnavailableError  # noqa: E402
+from lgvq_plugins.text.hf import HFTextEncoder, minilm  # noqa: E402
 
 SOT, EOT = 49406, 49407  # CLIP BPE start / end of text
 # A small text tower with CLIP's vocabulary and context, so tests run in seconds.

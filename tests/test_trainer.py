@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import lgvq_plugins
-from lgvq_plugins import checkpoint as C
-from lgvq_plugins.logging_utils import read_jsonl
-from lgvq_plugins.metrics import PSNR, CodebookUsage
-from lgvq_plugins.trainer import ConfigMismatchError, NonFiniteLossError, Trainer, frozen
+from lgvq_plugins.training import checkpoint as C
+from lgvq_plugins.training.logs import read_jsonl
+from lgvq_plugins.evaluation.metrics import PSNR, CodebookUsage
+from lgvq_plugins.training.trainer import ConfigMismatchError, NonFiniteLossError, Trainer, frozen
 
 from fakes_trainer import FakeGuided, FakeShapes, FakeTokenizer
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lgvq_plugins.losses import info_nce
+from lgvq_plugins.guidance.losses import info_nce
 
 
 def single_process(v: torch.Tensor, g: torch.Tensor, temperature: float, symmetric: bool) -> torch.Tensor:

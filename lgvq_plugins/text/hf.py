@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .interfaces import TextTokens
-from .text_encoders import DEFAULT_MAX_LENGTH, FrozenTextEncoder
+from lgvq_plugins.interfaces import TextTokens
+from lgvq_plugins.text.encoders import DEFAULT_MAX_LENGTH, FrozenTextEncoder
 
 POOLINGS = ("mean", "cls")
 

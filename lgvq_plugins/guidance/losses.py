@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .code_text import LN_EPS, MLMHead, TextDecoder
-from .distributed import all_gather_cat, all_gather_cat_with_grad, rank
-from .hookspecs import hookimpl
-from .interfaces import GuidedOutput, TextFeatures
-from .masking import MaskingRule, sample_mlm_mask
+from lgvq_plugins.guidance.code_text import LN_EPS, MLMHead, TextDecoder
+from lgvq_plugins.training.distributed import all_gather_cat, all_gather_cat_with_grad, rank
+from lgvq_plugins.hookspecs import hookimpl
+from lgvq_plugins.interfaces import GuidedOutput, TextFeatures
+from lgvq_plugins.guidance.masking import MaskingRule, sample_mlm_mask
 
 #: epsilon of every L2 normalisation (the reference divides by bare norms: trap §2.3).
 NORM_EPS = 1e-6
@@ -133,8 +133,8 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
     """L_mtp: hide some caption tokens and predict them from the rest plus the visual tokens.
 
     The cached (frozen) token features are masked — the hidden positions get the decoder's
-    per-position mask embedding — and a :class:`~lgvq_plugins.code_text.TextDecoder` reads
-    them while cross-attending to the visual tokens. An :class:`~lgvq_plugins.code_text.MLMHead`
+    per-position mask embedding — and a :class:`~lgvq_plugins.guidance.code_text.TextDecoder` reads
+    them while cross-attending to the visual tokens. An :class:`~lgvq_plugins.guidance.code_text.MLMHead`
     tied to the text encoder's frozen token embeddings gives logits *only at masked
     positions*; the loss is label-smoothed cross-entropy against the original ids, a mean
     over masked tokens. Special tokens and padding are never masked.
@@ -327,7 +327,3 @@ def register_alignment_losses(register):
 
 __all__ = ["GlobalSemanticAlignment", "MaskedTextPrediction", "RelationshipAlignment", "info_nce",
            "relationship_alignment", "NORM_EPS"]
-
-# ``LanguageGuided`` is gin-configurable by decoration, so its module must be imported before
-# any gin file is parsed; loading this built-in plugin (which every gin parse does) ensures it.
-from . import guidance as _guidance  # noqa: E402,F401

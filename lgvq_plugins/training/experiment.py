@@ -20,7 +20,6 @@ evaluated and written to ``<root>/<name>/``.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import time
@@ -31,11 +30,12 @@ import gin
 import torch
 from torch import nn
 
-import lgvq_plugins
+from lgvq_plugins import api
 
-from . import distributed as D
-from .checkpoint import latest_checkpoint, write_json_atomic, write_text_atomic
-from .trainer import Trainer, seed_everything, setup_distributed
+from lgvq_plugins.training import distributed as D
+from lgvq_plugins.training.checkpoint import latest_checkpoint, write_json_atomic, write_text_atomic
+from lgvq_plugins.training.distributed import seed_everything, setup_distributed
+from lgvq_plugins.training.trainer import Trainer
 
 #: gin settings that change how long or how verbosely a run goes, not what it learns: they
 #: may differ when a run is resumed (e.g. a larger ``Trainer.max_steps`` to train longer).
@@ -75,7 +75,7 @@ def config_identity(config_str: str, run_only: Iterable[str] = RUN_ONLY_SETTINGS
     """(hash, lines) of an operative config with the run-only settings removed.
 
     A setting matches with or without a gin scope or module prefix (``train/Trainer.max_steps``,
-    ``lgvq_plugins.trainer.Trainer.max_steps``). Macros used only by removed settings are
+    ``lgvq_plugins.training.trainer.Trainer.max_steps``). Macros used only by removed settings are
     removed too, so ``MAX_STEPS = 500`` bound to ``Trainer.max_steps`` does not count.
     """
     run_only = tuple(run_only)
@@ -100,7 +100,7 @@ def config_identity(config_str: str, run_only: Iterable[str] = RUN_ONLY_SETTINGS
 
 def _gin_files_with_includes(files: Sequence[Path]) -> list[Path]:
     """``files`` and (recursively) the files they ``include``, resolved as gin does."""
-    from .config import bundled_gin_dir
+    from lgvq_plugins.config import bundled_gin_dir
 
     seen: list[Path] = []
     todo = list(files)
@@ -169,8 +169,8 @@ class Experiment:
                  eval_batches: int | None = None, resume: bool = False, overwrite: bool = False,
                  run_only: Sequence[str] = RUN_ONLY_SETTINGS):
         # Every registry name is checked before anything is written or trained.
-        lgvq_plugins.registry("backbone").entry(backbone)
-        lgvq_plugins.registry("dataset").entry(dataset)
+        api.registry("backbone").entry(backbone)
+        api.registry("dataset").entry(dataset)
         self.name, self.root = name, Path(root)
         self.run_dir = self.root / name
         self.backbone, self.dataset = backbone, dataset
@@ -237,14 +237,14 @@ class Experiment:
     # -- building -----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         """The tokenizer wrapped in guidance (gin supplies every setting)."""
-        tokenizer = lgvq_plugins.create_backbone(self.backbone)
+        tokenizer = api.create_backbone(self.backbone)
         factory = self.guidance_factory
         if factory is None:
-            from .guidance import LanguageGuided
+            from lgvq_plugins.guidance.model import LanguageGuided
 
             factory = LanguageGuided
         model = factory(tokenizer)
-        from .pretrained import record_constructor_args
+        from lgvq_plugins.pretrained import record_constructor_args
 
         record_constructor_args(model, factory)
         return model
@@ -254,8 +254,8 @@ class Experiment:
         (after checking that the configuration matches). Nothing is trained yet."""
         try:
             seed_everything(self.seed)
-            train = lgvq_plugins.create_dataset(self.dataset, split=self.train_split)
-            val = lgvq_plugins.create_dataset(self.dataset, split=self.val_split)
+            train = api.create_dataset(self.dataset, split=self.train_split)
+            val = api.create_dataset(self.dataset, split=self.val_split)
             self.model = self.build_model()
             self.trainer = Trainer(self.model, train, val, out_dir=self.run_dir)
         except Exception as exc:
@@ -290,7 +290,7 @@ class Experiment:
             "wall_time_s": time.time() - self._start,
         }
         if self.is_main_process:
-            from .pretrained import save_pretrained
+            from lgvq_plugins.pretrained import save_pretrained
 
             save_pretrained(self.model, self.run_dir / "pretrained")
             write_json_atomic(self.run_dir / "metrics.json", metrics)

@@ -20,27 +20,25 @@ a module DDP could wrap. The global batch is ``batch_size × world size``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import gin
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import checkpoint as ckpt_io
-from . import distributed as D
-from .interfaces import GuidedOutput, LossOutput
-from .logging_utils import MetricsLogger, to_float
+from lgvq_plugins.training import distributed as D
+from lgvq_plugins.interfaces import GuidedOutput, LossOutput
+from lgvq_plugins.data.sampler import ResumableSampler
+from lgvq_plugins.training.logs import MetricsLogger, to_float
+from lgvq_plugins.training.optim import create_optimizer, create_scheduler
+from lgvq_plugins.training.trainer_eval import TrainerEvaluation, codebook_fingerprint
+from lgvq_plugins.training.trainer_resume import ConfigMismatchError, TrainerCheckpoints
 
 
 #: log entries shown on the progress bar (tokenizers name their reconstruction term differently)
@@ -51,70 +49,9 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf; training stopped before any update used it."""
 
 
-class ConfigMismatchError(RuntimeError):
-    """A run directory's checkpoint was made with a different configuration."""
-
-
-# ---------------------------------------------------------------------------------------
-# Process group and seeding
-# ---------------------------------------------------------------------------------------
-
-
-def setup_distributed(backend: str | None = None) -> bool:
-    """Initialise ``torch.distributed`` from torchrun's environment when ``WORLD_SIZE > 1``.
-
-    gloo on CPU, NCCL on GPU (unless ``backend`` says otherwise). Returns True when running
-    distributed. Safe to call twice.
-    """
-    if D.is_distributed():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
-    return True
-
-
-def default_device() -> torch.device:
-    """This rank's GPU when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ---------------------------------------------------------------------------------------
 # Data order that survives a restart
 # ---------------------------------------------------------------------------------------
-
-
-class ResumableSampler(Sampler[int]):
-    """A :class:`DistributedSampler` (shuffled by ``seed + epoch``) that can start part-way
-    through an epoch, so a resumed run sees exactly the samples the interrupted one had not."""
-
-    def __init__(self, dataset: Dataset, *, shuffle: bool, seed: int, drop_last: bool):
-        self.inner = DistributedSampler(dataset, num_replicas=D.world_size(), rank=D.rank(),
-                                        shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.inner.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(self.inner)
-        return iter(indices[self.start:])
-
-    def __len__(self) -> int:
-        return max(len(self.inner) - self.start, 0)
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -139,33 +76,13 @@ def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _average_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Mean of the gradients over ranks in one flat all-reduce (missing grads count as 0)."""
-    if not D.is_distributed() or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    D.all_reduce_mean(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def codebook_fingerprint(codebook: Tensor) -> str:
-    """SHA-256 of a codebook's float32 bytes (equal fingerprints ⇔ bit-identical codebooks)."""
-    data = codebook.detach().float().cpu().contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------
 
 
 @gin.configurable(denylist=["model", "train_data", "val_data", "out_dir", "config_hash", "config_lines"])
-class Trainer:
+class Trainer(TrainerEvaluation, TrainerCheckpoints):
     """Trains a ``LanguageGuided`` model (or anything with ``.tokenizer`` whose forward is
     ``(images, captions, batch) -> GuidedOutput``).
 
@@ -273,7 +190,7 @@ class Trainer:
         self.train_data = train_data
         self.val_data = val_data
 
-        self.device = default_device() if device == "auto" else torch.device(device)
+        self.device = D.default_device() if device == "auto" else torch.device(device)
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
@@ -309,11 +226,11 @@ class Trainer:
         if "adam" in optimizer.lower() and "betas" not in opt_kwargs:
             opt_kwargs["betas"] = tuple(betas)
         self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "generator": _create_optimizer(self.gen_params, optimizer, self.lr, weight_decay, opt_kwargs)}
+            "generator": create_optimizer(self.gen_params, optimizer, self.lr, weight_decay, opt_kwargs)}
         if self.disc_params:
-            self.optimizers["discriminator"] = _create_optimizer(self.disc_params, optimizer, self.disc_lr,
+            self.optimizers["discriminator"] = create_optimizer(self.disc_params, optimizer, self.disc_lr,
                                                                  weight_decay, opt_kwargs)
-        self.schedulers = {name: _create_scheduler(opt, scheduler, self.max_steps, warmup_steps, min_lr)
+        self.schedulers = {name: create_scheduler(opt, scheduler, self.max_steps, warmup_steps, min_lr)
                            for name, opt in self.optimizers.items()}
 
         # -- progress -------------------------------------------------------------------
@@ -467,7 +384,7 @@ class Trainer:
             sums["grad_norm"] = n * to_float(torch.nn.utils.clip_grad_norm_(self.gen_params, self.clip_grad_norm))
         self.optimizers["generator"].step()
         if "discriminator" in self.optimizers:
-            _average_gradients(self.disc_params)
+            D.average_gradients(self.disc_params)
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.disc_params, self.clip_grad_norm)
             self.optimizers["discriminator"].step()
@@ -498,218 +415,8 @@ class Trainer:
             "Try a lower learning rate (Trainer.base_lr), gradient clipping (Trainer.clip_grad_norm) "
             "or fp32 (Trainer.precision = 'fp32').")
 
-    # ------------------------------------------------------------------------------------
-    # Evaluation
-    # ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, data: Dataset | None = None, max_batches: int | None = None) -> dict[str, float]:
-        """Reconstruction metrics of the tokenizer on ``data`` (default: the validation set):
-        ``psnr``, ``rec_loss`` (mean L1), ``mse``, ``codebook_usage``, ``perplexity``.
-
-        Every rank evaluates its shard; the numbers are reduced over ranks.
-        """
-        from .metrics import PSNR, CodebookUsage
-
-        data = data if data is not None else self.val_data
-        if data is None:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        psnr = PSNR().to(self.device)
-        usage = CodebookUsage(self.tokenizer.quantizer.num_codes).to(self.device)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # L1 sum, SE sum, pixels
-        sampler = DistributedSampler(data, num_replicas=self.world_size, rank=self.rank, shuffle=False)
-        loader = DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-        try:
-            for i, raw in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x = raw["image"].to(self.device)
-                with self.autocast():
-                    rec, quantized = self.tokenizer(x)
-                rec = rec.float()
-                psnr.update(rec, x)
-                usage.update(quantized.indices)
-                diff = (rec - x).double()
-                sums += torch.stack([diff.abs().sum(), diff.pow(2).sum(),
-                                     torch.tensor(float(diff.numel()), dtype=torch.float64, device=self.device)])
-        finally:
-            self.model.train(was_training)
-        D.all_reduce_sum(sums)
-        codes = usage.compute()
-        return {"psnr": to_float(psnr.compute()), "rec_loss": to_float(sums[0] / sums[2].clamp_min(1)),
-                "mse": to_float(sums[1] / sums[2].clamp_min(1)),
-                "codebook_usage": to_float(codes["usage"]), "perplexity": to_float(codes["perplexity"])}
-
-    def validate(self) -> dict[str, float]:
-        """Periodic validation: metrics on ``val_batches`` batches, logged, plus a sample grid."""
-        if self.val_data is None:
-            return {}
-        metrics = self.evaluate(max_batches=self.val_batches)
-        self.logger.log(self.step, metrics, split="val")
-        if self.is_main_process:
-            self.save_samples()
-        return metrics
-
-    @torch.no_grad()
-    def save_samples(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Originals (top row) above their reconstructions (bottom row) as one PNG."""
-        from torchvision.utils import save_image
-
-        path = Path(path) if path is not None else self.samples_dir / f"step_{self.step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n = min(self.num_samples, len(self.val_data))
-        x = torch.stack([self.val_data[i]["image"] for i in range(n)]).to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.autocast():
-                rec, _ = self.tokenizer(x)
-        finally:
-            self.model.train(was_training)
-        grid = torch.cat([x, rec.float().clamp(-1, 1)]).cpu()
-        save_image(grid, str(path), nrow=n, normalize=True, value_range=(-1, 1))
-        return path
-
-    # ------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0; every rank's RNG state included)."""
-        rng = ckpt_io.get_rng_state(self.model)
-        rngs = _all_gather_json(rng)
-        path = None
-        if self.is_main_process:
-            state = self.model.state_dict()
-            model_state, disc_state = ckpt_io.split_state_dict(state, self.disc_param_names)
-            ck = ckpt_io.Checkpoint(
-                model=model_state, discriminator=disc_state,
-                optimizers={k: o.state_dict() for k, o in self.optimizers.items()},
-                state={"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                       "images_seen": self.images_seen, "train_time_s": self.train_time,
-                       "world_size": self.world_size, "batch_size": self.batch_size,
-                       "grad_accum_steps": self.grad_accum_steps,
-                       "schedulers": {k: (s.state_dict() if s is not None else None)
-                                      for k, s in self.schedulers.items()},
-                       "rng": rngs, "config_hash": self.config_hash, "config": self.config_lines})
-            path = ckpt_io.save_checkpoint(self.ckpt_dir, ck, keep_last=self.keep_last)
-        if D.is_distributed():
-            dist.barrier()
-        return path
-
-    def check_resumable(self, path: str | os.PathLike[str] | None = None) -> ckpt_io.Checkpoint | None:
-        """Load the latest checkpoint (or ``path``) and check that it was made with this
-        configuration; raises :class:`ConfigMismatchError` naming the differing settings."""
-        path = Path(path) if path is not None else self.ckpt_dir
-        if ckpt_io.latest_checkpoint(path) is None and not (path / ckpt_io.STATE_FILE).is_file():
-            return None
-        ck = ckpt_io.load_checkpoint(path)
-        saved_hash = ck.state.get("config_hash")
-        if self.config_hash is not None and saved_hash is not None and saved_hash != self.config_hash:
-            old, new = set(ck.state.get("config") or []), set(self.config_lines)
-            changes = [f"  - {line}" for line in sorted(old - new)] + [f"  + {line}" for line in sorted(new - old)]
-            detail = "\n".join(changes[:40]) or "  (the settings differ)"
-            raise ConfigMismatchError(
-                f"cannot resume {ck.path}: it was trained with a different configuration "
-                f"(config hash {saved_hash[:12]} vs {self.config_hash[:12]} now). Differences "
-                f"(- checkpoint, + now):\n{detail}\n"
-                "Resume with the original gin files, or start a new run with another --name.")
-        return ck
-
-    def resume(self, path: str | os.PathLike[str] | None = None) -> int:
-        """Restore model, optimizers, schedules, data position and RNG states from the latest
-        checkpoint (or ``path``). Returns the step reached (0 when there is nothing to resume)."""
-        ck = self.check_resumable(path)
-        if ck is None:
-            return 0
-        merged = {**ck.model, **ck.discriminator}
-        missing, unexpected = self.model.load_state_dict(merged, strict=False)
-        if missing or unexpected:
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {ck.path} does not fit the model: missing {sorted(missing)[:10]}, "
-                f"unexpected {sorted(unexpected)[:10]}")
-        for name, opt in self.optimizers.items():
-            ckpt_io.load_optimizer_state(opt, ck, name)
-        for name, sched in self.schedulers.items():
-            saved = ck.state.get("schedulers", {}).get(name)
-            if sched is not None and saved is not None:
-                if saved.get("t_initial") == getattr(sched, "t_initial", None):
-                    sched.load_state_dict(saved)
-                # else: max_steps changed (a run-only setting) — keep the new schedule's length
-        s = ck.state
-        self.step, self.epoch, self.batch_in_epoch = int(s["step"]), int(s["epoch"]), int(s["batch_in_epoch"])
-        self.images_seen, self.train_time = int(s.get("images_seen", 0)), float(s.get("train_time_s", 0.0))
-        if int(s.get("world_size", self.world_size)) != self.world_size or int(s.get("batch_size", self.batch_size)) != self.batch_size:
-            warnings.warn(f"resuming {ck.path} with world size {self.world_size} / batch {self.batch_size} "
-                          f"(saved: {s.get('world_size')} / {s.get('batch_size')}): the data order differs "
-                          "from an uninterrupted run", stacklevel=2)
-            self.batch_in_epoch = 0
-        rngs = s.get("rng") or []
-        if rngs:
-            ckpt_io.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0], self.model)
-        return self.step
-
-    # ------------------------------------------------------------------------------------
-    # End of run
-    # ------------------------------------------------------------------------------------
-    def codebook_report(self) -> dict[str, Any]:
-        """Fingerprint of the codebook on every rank: ``codebooks_identical`` is True when all
-        ranks hold bit-identical codebooks; ``codebook_max_abs_diff`` the largest difference."""
-        codebook = self.tokenizer.quantizer.codebook.detach().float().contiguous()
-        if self.dump_codebooks:
-            from safetensors.torch import save_file
-
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_file({"codebook": codebook.cpu().clone()}, str(self.out_dir / f"codebook_rank{self.rank}.safetensors"))
-        gathered = D.all_gather_cat(codebook[None])  # (world, K, D)
-        diff = (gathered - gathered[:1]).abs().max() if gathered.numel() else torch.zeros(())
-        fingerprints = [codebook_fingerprint(c) for c in gathered]
-        return {"codebook_sha256": fingerprints, "codebooks_identical": len(set(fingerprints)) == 1,
-                "codebook_max_abs_diff": to_float(diff)}
-
     def close(self) -> None:
         self.logger.close()
-
-
-# ---------------------------------------------------------------------------------------
-# Factories
-# ---------------------------------------------------------------------------------------
-
-
-def _create_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float,
-                      kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
-
-
-def _create_scheduler(optimizer: torch.optim.Optimizer, name: str | None, max_steps: int, warmup_steps: int,
-                      min_lr: float):
-    if name is None or str(name).lower() in {"none", "constant", ""}:
-        return None
-    from timm.scheduler import create_scheduler_v2
-
-    base = optimizer.param_groups[0]["lr"]
-    # Step-based: one "epoch" of the timm schedule is one optimizer update.
-    sched, _ = create_scheduler_v2(optimizer, sched=name, num_epochs=max_steps, warmup_epochs=warmup_steps,
-                                   warmup_lr=base / max(warmup_steps, 1), min_lr=min_lr,
-                                   step_on_epochs=False, updates_per_epoch=1)
-    return sched
-
-
-def _all_gather_json(obj: Any) -> list[Any]:
-    """Every rank's JSON-serialisable ``obj``, in rank order (JSON bytes in padded uint8
-    tensors: nothing is pickled)."""
-    if not D.is_distributed():
-        return [obj]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
-    length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    lengths = D.all_gather_cat(length).tolist()
-    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
-    chunks = D.all_gather_cat(padded[None])  # (world, max_len)
-    return [json.loads(bytes(chunks[r, :n].cpu().tolist()).decode("utf-8")) for r, n in enumerate(lengths)]
 
 
 def _accumulate(sums: dict[str, float], key: str, value: Any) -> None:
@@ -723,3 +430,6 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"Trainer.{name} must be a positive integer, got {value!r}")
+
+
+__all__ = ["Trainer", "NonFiniteLossError", "ConfigMismatchError", "codebook_fingerprint", "frozen"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .interfaces import TextTokens
+from lgvq_plugins.interfaces import TextTokens
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .hookspecs import hookimpl
+from lgvq_plugins.hookspecs import hookimpl
 
 
 class PSNR(Metric):

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .interfaces import TextTokens
-from .text_encoders import DEFAULT_MAX_LENGTH, FrozenTextEncoder
+from lgvq_plugins.interfaces import TextTokens
+from lgvq_plugins.text.encoders import DEFAULT_MAX_LENGTH, FrozenTextEncoder
 
 # parameters of the full CLIP model that belong to neither tower
 _NON_TEXT_KEYS = ("logit_scale", "logit_bias")

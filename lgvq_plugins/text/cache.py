@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .interfaces import TextEncoder, TextFeatures, TextTokens
+from lgvq_plugins.interfaces import TextEncoder, TextFeatures, TextTokens
 
 FORMAT = "lgvq-text-cache-1"
 _TENSORS = ("token_feats", "global_feat", "ids", "lengths", "special_mask")

@@ -26,8 +26,10 @@ import gin
 import torch
 from torch import Tensor, nn
 
-from .code_text import CodeTextTransformer
-from .interfaces import GuidedOutput, TextEncoder
+from lgvq_plugins import api
+from lgvq_plugins.guidance.code_text import CodeTextTransformer
+from lgvq_plugins.interfaces import GuidedOutput, TextEncoder
+from lgvq_plugins.text.cache import TextFeatureCache
 
 #: Loss weights of the reference (CelebA-HQ, TextCaps; CUB uses 0.001 for all three).
 REFERENCE_LOSS_WEIGHTS: dict[str, float] = {"gsa": 0.001, "mtp": 0.01, "ras": 0.0001}
@@ -84,10 +86,8 @@ class LanguageGuided(nn.Module):
                  width: int | None = None, depth: int = 2, heads: int | None = None, mlp_ratio: float = 4.0,
                  dropout: float = 0.0):
         super().__init__()
-        import lgvq_plugins  # the package's registry API (imported late: it imports plugins)
-
         if isinstance(tokenizer, str):
-            tokenizer = lgvq_plugins.create_backbone(tokenizer)
+            tokenizer = api.create_backbone(tokenizer)
         self.tokenizer = tokenizer
         self.enabled = bool(enabled)
         # Frozen, non-module state: a plain dict is never registered as a submodule.
@@ -100,13 +100,11 @@ class LanguageGuided(nn.Module):
         if not self.enabled:
             return
 
-        encoder = lgvq_plugins.create_text_encoder(text_encoder) if isinstance(text_encoder, str) \
+        encoder = api.create_text_encoder(text_encoder) if isinstance(text_encoder, str) \
             else text_encoder
         if isinstance(encoder, nn.Module):
             encoder.requires_grad_(False)
             encoder.eval()
-        from .text_cache import TextFeatureCache  # imported late: it is a sibling plugin's module
-
         self._frozen["text_encoder"] = encoder
         self._frozen["text_cache"] = TextFeatureCache(encoder, cache_dir=cache_dir)
 
@@ -125,7 +123,7 @@ class LanguageGuided(nn.Module):
                                  "number >= 0 (0 leaves the loss out)")
             if weight == 0:
                 continue
-            loss = lgvq_plugins.create_alignment_loss(name)
+            loss = api.create_alignment_loss(name)
             if not isinstance(loss, nn.Module):
                 raise TypeError(f"alignment loss {name!r} built a {type(loss).__name__}; alignment "
                                 "losses must be nn.Modules (so their parameters are trained and saved)")

@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import shapes_scene as scene_mod
-from . import shapes_text as text_mod
-from .hookspecs import hookimpl
-from .shapes_scene import COLOUR_NAMES, SHAPES, SIZES, Scene
-from .shapes_text import ANSWERS, QA, QUESTION_KINDS, Facts, RefExp
+from lgvq_plugins.data import shapes_scene as scene_mod
+from lgvq_plugins.data import shapes_text as text_mod
+from lgvq_plugins.hookspecs import hookimpl
+from lgvq_plugins.data.shapes_scene import COLOUR_NAMES, SHAPES, SIZES, Scene
+from lgvq_plugins.data.shapes_text import ANSWERS, QA, QUESTION_KINDS, Facts, RefExp
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 DEFAULT_NUM_SAMPLES: dict[str, int] = {"train": 20000, "val": 1000, "test": 1000}

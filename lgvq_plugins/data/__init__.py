@@ -1,0 +1,1 @@
+"""Data sets: the procedural ``shapes`` set and the resumable sampler."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, checkpoints, the experiment runner, distributed helpers and logs."""
