@@ -1,0 +1,369 @@
+"""``report.html``: one self-contained page per run, evaluation or comparison.
+
+It opens from disk with no network: no scripts, no external style sheets or fonts, every
+figure a PNG embedded as a ``data:`` URI (see :mod:`lgvq_plugins.evaluation.plots`).
+
+A run's report has these sections (each an ``<section id=...>``):
+
+* ``summary`` — run name, backbone, data set, guidance, steps, time;
+* ``metrics`` — every number in ``metrics.json`` with the protocol it was measured under
+  (split, image count, ...) and, when an unguided/guided twin run is found beside it, the
+  twin's number in the next column;
+* ``reconstructions`` — originals above reconstructions;
+* ``usage`` — the codebook-usage histogram over the evaluation set;
+* ``losses`` — training losses and validation metrics from ``logs/metrics.jsonl``;
+* ``heatmaps`` — word→code similarity maps for a few test captions (the paper's Figure 6),
+  when the model is guided.
+
+    write_run_report("runs/cvq_lg", model=model, data=test_split)
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from lgvq_plugins.evaluation import plots
+from lgvq_plugins.evaluation.task import is_guided, model_device, tokenizer_of
+from lgvq_plugins.training.logs import read_jsonl
+
+#: sections of a run report, in page order: (id, heading)
+RUN_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Run"), ("metrics", "Metrics"), ("reconstructions", "Reconstructions"),
+    ("usage", "Codebook usage"), ("losses", "Loss curves"), ("heatmaps", "Word → code similarity"),
+)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.88em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.proto{color:#555;font-size:.9em}.missing{color:#a33;font-style:italic}
+img{max-width:100%;image-rendering:pixelated;display:block;margin:.4em 0}
+figure{margin:.6em 0}figcaption{font-size:.85em;color:#555}
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# HTML pieces
+# ---------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    """A number as shown in reports and tables (4 significant digits; ints as ints)."""
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def protocol_text(protocol: Mapping[str, Any] | None) -> str:
+    """``split=test; images=256; ...`` from a protocol dict."""
+    if not protocol:
+        return ""
+    return "; ".join(f"{k}={v}" for k, v in protocol.items() if v is not None)
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="{plots.png_data_uri(png)}">'
+
+
+def section(sid: str, heading: str, body: str) -> str:
+    return f'<section id="{_e(sid)}">\n<h2>{_e(heading)}</h2>\n{body}\n</section>'
+
+
+def missing(reason: str) -> str:
+    return f'<p class="missing">{_e(reason)}</p>'
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]]) -> str:
+    """rows of (css class, already-escaped html) cells."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(f'<td class="{c}">{v}</td>' for c, v in row) + "</tr>" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+def page(title: str, sections: Sequence[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every reported number of a ``metrics.json`` as ``{"key", "value", "protocol", "note"}``.
+
+    Task numbers come first (``<task>/<metric>``, with the task's protocol; an unavailable
+    metric has value None and the reason as note), then the final validation numbers.
+    """
+    rows: list[dict[str, Any]] = []
+    for task, result in (metrics.get("tasks") or {}).items():
+        proto = protocol_text(result.get("protocol"))
+        unavailable = result.get("unavailable") or {}
+        for key, value in (result.get("metrics") or {}).items():
+            rows.append({"key": f"{task}/{key}", "value": value, "protocol": proto,
+                         "note": unavailable.get(key, "")})
+        for key, why in unavailable.items():
+            if key not in (result.get("metrics") or {}):
+                rows.append({"key": f"{task}/{key}", "value": None, "protocol": proto, "note": why})
+    val_proto = protocol_text(metrics.get("val_protocol")) or "validation split"
+    for key, value in metrics.items():
+        if key.startswith("val_") and key != "val_protocol" and isinstance(value, (int, float)):
+            rows.append({"key": key, "value": value, "protocol": val_proto, "note": ""})
+    return rows
+
+
+def metrics_table(metrics: Mapping[str, Any], twin: Mapping[str, Any] | None = None,
+                  twin_label: str = "twin") -> str:
+    rows = metric_rows(metrics)
+    if not rows:
+        return missing("metrics.json holds no task or validation numbers")
+    twin_values = {r["key"]: r["value"] for r in metric_rows(twin)} if twin else {}
+    header = ["metric", metrics.get("name", "this run")] + ([twin_label] if twin else []) + ["protocol", "note"]
+    body = []
+    for r in rows:
+        cells = [("key", _e(r["key"])), ("num", _e(fmt(r["value"])))]
+        if twin:
+            cells.append(("num", _e(fmt(twin_values.get(r["key"])))))
+        cells += [("proto", _e(r["protocol"])), ("proto", _e(r["note"]))]
+        body.append(cells)
+    return table(header, body)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures from a model
+# ---------------------------------------------------------------------------------------
+
+
+def _first_images(data: Dataset, n: int) -> tuple[torch.Tensor, list[str | None]]:
+    n = min(n, len(data))
+    samples = [data[i] for i in range(n)]
+    return torch.stack([s["image"] for s in samples]), [s.get("caption") for s in samples]
+
+
+@torch.no_grad()
+def reconstruction_png(model: nn.Module, data: Dataset, num_images: int = 8) -> bytes:
+    """Originals above their reconstructions for the first ``num_images`` of ``data``."""
+    tokenizer = tokenizer_of(model)
+    x, _ = _first_images(data, num_images)
+    rec, _ = tokenizer(x.to(model_device(tokenizer)))
+    return plots.reconstruction_grid(x, rec.float().clamp(-1, 1).cpu())
+
+
+@torch.no_grad()
+def usage_counts(model: nn.Module, data: Dataset, max_images: int = 256, batch_size: int = 32) -> list[int]:
+    """How often each code is chosen over the first ``max_images`` images of ``data``."""
+    tokenizer = tokenizer_of(model)
+    num_codes = int(tokenizer.quantizer.num_codes)
+    counts = torch.zeros(num_codes, dtype=torch.long)
+    device = model_device(tokenizer)
+    total = min(max_images, len(data))
+    for start in range(0, total, batch_size):
+        x = torch.stack([data[i]["image"] for i in range(start, min(total, start + batch_size))])
+        quantized = tokenizer.encode(x.to(device))
+        counts += torch.bincount(quantized.indices.reshape(-1).cpu().long(), minlength=num_codes)
+    return counts.tolist()
+
+
+def _token_strings(encoder: Any, ids: Sequence[int]) -> list[str]:
+    """Token ids as readable strings (HF: WordPiece pieces; open_clip: BPE pieces)."""
+    tok = getattr(encoder, "_tokenizer", None)
+    if hasattr(tok, "convert_ids_to_tokens"):
+        return [str(t) for t in tok.convert_ids_to_tokens(list(ids))]
+    decoder = getattr(tok, "decoder", None)
+    if isinstance(decoder, Mapping):
+        return [str(decoder.get(i, f"#{i}")).replace("</w>", "") for i in ids]
+    return [f"#{i}" for i in ids]
+
+
+@torch.no_grad()
+def word_code_similarity(model: nn.Module, images: torch.Tensor, captions: Sequence[str]
+                         ) -> list[tuple[list[str], torch.Tensor]]:
+    """Per caption: its words (special tokens and padding removed) and the cosine similarity
+    (L, h, w) of each word's text feature to the visual token of every code position — the
+    similarity L_ras takes its argmax over."""
+    if not is_guided(model):
+        raise ValueError("word→code similarity needs a guided model (LanguageGuided with enabled=True)")
+    device = model_device(model)
+    quantized = model.tokenizer.encode(images.to(device))
+    h, w = quantized.z_q.shape[-2:]
+    visual = model.code_text.proj_out(model.code_text.hidden(quantized.z_q))[:, 1:]  # (B, h·w, Dt)
+    text = model.text_cache(list(captions), device)
+    sims = F.normalize(text.token_feats.float(), dim=-1, eps=1e-6) @ \
+        F.normalize(visual.float(), dim=-1, eps=1e-6).transpose(1, 2)  # (B, L, h·w)
+    keep = ~text.tokens.padding_mask & ~text.tokens.special_mask  # (B, L)
+    out = []
+    for b in range(images.shape[0]):
+        idx = keep[b].nonzero().flatten()
+        words = _token_strings(model.text_encoder, text.tokens.ids[b, idx].tolist())
+        out.append((words, sims[b, idx].reshape(len(idx), h, w).cpu()))
+    return out
+
+
+def heatmap_pngs(model: nn.Module, data: Dataset, num_captions: int = 3) -> list[tuple[str, bytes]]:
+    """(caption, PNG) of Figure-6 style heatmaps for the first ``num_captions`` samples."""
+    images, captions = _first_images(data, num_captions)
+    if any(c is None for c in captions):
+        raise ValueError("the evaluation data has no 'caption' field; heatmaps need captions")
+    return [(cap, plots.similarity_heatmaps(img, words, sim, caption=cap))
+            for img, cap, (words, sim) in zip(images, captions, word_code_similarity(model, images, captions))]
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def find_twin(run_dir: str | Path, metrics: Mapping[str, Any] | None = None) -> Path | None:
+    """The unguided twin of a guided run (or the guided twin of an unguided one) under the
+    same root: a finished sibling run (``metrics.json``) with the same backbone and data set
+    and the other guidance setting. A sibling named like the run without / with ``_lg``
+    (``cvq_lg`` ↔ ``cvq``) is preferred; otherwise the most recently finished one."""
+    run_dir = Path(run_dir)
+    metrics = metrics if metrics is not None else read_metrics(run_dir)
+    if not metrics or not run_dir.parent.is_dir():
+        return None
+    name = run_dir.name
+    preferred = {name.replace("_lg", ""), f"{name}_lg"} - {name}
+    candidates = []
+    for sibling in run_dir.parent.iterdir():
+        other = read_metrics(sibling) if sibling.is_dir() and sibling != run_dir else None
+        if (other and other.get("backbone") == metrics.get("backbone")
+                and other.get("dataset") == metrics.get("dataset")
+                and bool(other.get("guidance")) != bool(metrics.get("guidance"))):
+            candidates.append((sibling.name in preferred, (sibling / "metrics.json").stat().st_mtime, sibling))
+    return max(candidates)[2] if candidates else None
+
+
+def _usage_from_tasks(metrics: Mapping[str, Any]) -> list[float] | None:
+    """Per-code counts from a task's tables (e.g. ``reconstruction`` → ``usage_histogram``)."""
+    for result in (metrics.get("tasks") or {}).values():
+        for key, value in (result.get("tables") or {}).items():
+            if ("hist" in key or "count" in key) and isinstance(value, list) and value \
+                    and all(isinstance(v, (int, float)) for v in value):
+                return value
+    return None
+
+
+def _latest_sample(run_dir: Path) -> Path | None:
+    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    return samples[-1] if samples else None
+
+
+def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, data: Dataset | None = None,
+                     metrics: Mapping[str, Any] | None = None, twin: str | Path | None | bool = True,
+                     out: str | Path | None = None, num_images: int = 8, num_captions: int = 3,
+                     title: str | None = None) -> Path:
+    """Write ``report.html`` for a run (or evaluation) folder; returns its path.
+
+    Args:
+        run_dir: folder with ``metrics.json`` and, for a trained run, ``logs/`` and ``samples/``.
+        model / data: the trained model and the evaluation split; give both for
+            reconstructions computed now, the usage histogram when no task recorded one, and
+            the heatmaps. Without them the newest ``samples/`` grid is shown.
+        metrics: the metrics (default: ``run_dir/metrics.json``).
+        twin: True — look for a twin run beside ``run_dir`` (:func:`find_twin`); a path — that
+            run; False/None — no twin column.
+        out: the HTML file (default ``run_dir/report.html``).
+    """
+    run_dir = Path(run_dir)
+    metrics = dict(metrics if metrics is not None else (read_metrics(run_dir) or {}))
+    twin_dir = find_twin(run_dir, metrics) if twin is True else (Path(twin) if twin else None)
+    twin_metrics = read_metrics(twin_dir) if twin_dir else None
+    have_model = model is not None and data is not None and len(data) > 0
+    bodies: dict[str, str] = {}
+
+    summary = [(k, metrics.get(k)) for k in ("name", "backbone", "dataset", "guidance", "steps",
+                                            "world_size", "global_batch_size", "wall_time_s", "pretrained")]
+    rows = [[("key", _e(k)), ("num", _e(fmt(v)))] for k, v in summary if v is not None]
+    if twin_dir:
+        rows.append([("key", "twin run"), ("num", _e(twin_dir))])
+    bodies["summary"] = table(["", ""], rows) if rows else missing("no metrics.json")
+    bodies["metrics"] = metrics_table(metrics, twin_metrics, twin_label=f"twin: {twin_dir.name}" if twin_dir else "")
+
+    if have_model:
+        bodies["reconstructions"] = (f"<figure>{img_tag(reconstruction_png(model, data, num_images), 'reconstructions')}"
+                                     "<figcaption>top: originals, bottom: reconstructions (first images of the "
+                                     "evaluation split)</figcaption></figure>")
+    elif (sample := _latest_sample(run_dir)) is not None:
+        bodies["reconstructions"] = (f"<figure>{img_tag(sample.read_bytes(), 'reconstructions')}"
+                                     f"<figcaption>{_e(sample.name)}: top originals, bottom reconstructions"
+                                     "</figcaption></figure>")
+    else:
+        bodies["reconstructions"] = missing("no model given and no samples/ grid in the run folder")
+
+    counts = _usage_from_tasks(metrics)
+    source = "the evaluation task's histogram"
+    if counts is None and have_model:
+        counts, source = usage_counts(model, data), f"first {min(256, len(data))} images of the evaluation split"
+    bodies["usage"] = (f"<figure>{img_tag(plots.usage_histogram(counts), 'codebook usage histogram')}"
+                       f"<figcaption>{_e(source)}</figcaption></figure>" if counts
+                       else missing("no usage histogram: run the reconstruction task or give the model"))
+
+    log = run_dir / "logs" / "metrics.jsonl"
+    try:
+        bodies["losses"] = img_tag(plots.loss_curves(read_jsonl(log)), "loss curves") if log.is_file() \
+            else missing(f"no training log ({log})")
+    except ValueError as exc:
+        bodies["losses"] = missing(str(exc))
+
+    if have_model and is_guided(model):
+        bodies["heatmaps"] = "\n".join(
+            f"<figure>{img_tag(png, 'word-code similarity: ' + cap)}<figcaption>{_e(cap)}</figcaption></figure>"
+            for cap, png in heatmap_pngs(model, data, num_captions)) + \
+            "<p>Cosine similarity between each word's frozen text feature and the visual token of " \
+            "every code position (one colour scale per caption).</p>"
+    else:
+        bodies["heatmaps"] = missing("not a guided model (or no model given): no word→code similarities")
+
+    out = Path(out) if out is not None else run_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sections = [section(sid, heading, bodies[sid]) for sid, heading in RUN_SECTIONS]
+    out.write_text(page(title or f"lgvq report: {metrics.get('name', run_dir.name)}", sections), encoding="utf-8")
+    return out
+
+
+__all__ = [
+    "RUN_SECTIONS",
+    "find_twin",
+    "fmt",
+    "heatmap_pngs",
+    "metric_rows",
+    "metrics_table",
+    "page",
+    "protocol_text",
+    "reconstruction_png",
+    "section",
+    "table",
+    "usage_counts",
+    "word_code_similarity",
+    "write_run_report",
+]
