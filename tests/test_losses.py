@@ -13,7 +13,7 @@ from torch import nn
 from fakes import FakeTextEncoder
 from lgvq_plugins.interfaces import GuidedOutput, Quantized, TextFeatures, TextTokens
 from lgvq_plugins.guidance.losses import (GlobalSemanticAlignment, MaskedTextPrediction, RelationshipAlignment,
-                                 info_nce, relationship_alignment)
+                                          info_nce, ras_strength_factor, relationship_alignment)
 from lgvq_plugins.guidance.masking import MaskingRule, eligible_tokens, mask_k_per_caption, sample_mlm_mask
 
 
@@ -61,6 +61,20 @@ def _gsa_by_hand(temperature: float, symmetric: bool) -> float:
 def test_gsa_hand_computed(temperature, symmetric):
     loss = info_nce(torch.tensor(GSA_V), torch.tensor(GSA_G), temperature=temperature, symmetric=symmetric)
     assert loss.item() == pytest.approx(_gsa_by_hand(temperature, symmetric), rel=1e-6)
+
+
+def test_gsa_matches_the_reference_formula():
+    """The reference's L_gsa, transcribed (``global_infor_sup``):
+        v = v / ‖v‖;  g = g / ‖g‖ (detached)
+        pos_i = v_i · g_i;  neg_i = Σ_j exp(v_i · g_j)
+        loss = mean_i −log(exp(pos_i) / (neg_i + 1e-6))"""
+    torch.manual_seed(1)
+    v, g = torch.randn(6, 9, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
+    vn, gn = v / v.norm(dim=-1, keepdim=True), g / g.norm(dim=-1, keepdim=True)
+    pos = (vn * gn).sum(-1)
+    neg = torch.exp(vn @ gn.T).sum(-1)
+    reference = (-torch.log(torch.exp(pos) / (neg + 1e-6))).mean()
+    assert info_nce(v, g).item() == pytest.approx(reference.item(), rel=2e-6)
 
 
 def test_gsa_equals_cross_entropy_on_cosine_matrix_and_detaches_text():
@@ -124,15 +138,45 @@ def test_masks_never_touch_special_or_padding():
         assert not (mask & ~eligible).any()
 
 
-def test_reference_ratio_rule():
-    torch.manual_seed(0)
-    ratios = [MaskingRule().sample_ratio() for _ in range(500)]
-    assert all(0.1 <= r <= 0.3 for r in ratios)
-    # N(0.5, 0.1) clipped to [0.1, 0.3]: 0.3 unless the draw falls below it (P ≈ 2.3%)
-    assert 0.9 < sum(r == 0.3 for r in ratios) / 500 < 1.0
-    unclipped = torch.tensor([MaskingRule(low=0.0, high=1.0).sample_ratio() for _ in range(2000)])
-    assert unclipped.mean().item() == pytest.approx(0.5, abs=0.01)
-    assert unclipped.std().item() == pytest.approx(0.1, abs=0.01)
+def _truncnorm_mean(mu: float, sigma: float, low: float, high: float) -> float:
+    """Mean of N(mu, sigma²) conditioned on [low, high] (closed form)."""
+    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    a, b = (low - mu) / sigma, (high - mu) / sigma
+    return mu + sigma * (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))
+
+
+def test_mask_ratio_is_the_reference_truncated_normal():
+    """The reference draws the ratio once per batch as (transcribed)
+        mu, sigma = 0.5, 0.1; lower, upper = 0.1, 0.3
+        X = scipy.stats.truncnorm((lower - mu) / sigma, (upper - mu) / sigma, loc=mu, scale=sigma).rvs(1)[0]
+    i.e. a normal *conditioned* on [0.1, 0.3] (mean ≈ 0.263), not one clipped to it (≈ 0.299)."""
+    expected_mean = _truncnorm_mean(0.5, 0.1, 0.1, 0.3)
+    assert expected_mean == pytest.approx(0.2630, abs=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    ratios = torch.tensor([MaskingRule().sample_ratio(gen) for _ in range(4000)], dtype=torch.float64)
+    assert ratios.min() >= 0.1 and ratios.max() <= 0.3
+    assert ratios.mean().item() == pytest.approx(expected_mean, abs=0.002)  # standard error ≈ 0.0005
+    # a clipped normal puts ~98 % of its draws at 0.3; the truncated one only ~2 % above 0.299
+    assert (ratios >= 0.299).double().mean().item() < 0.05
+    assert (ratios < 0.2).double().mean().item() == pytest.approx(0.056, abs=0.015)
+    stats = pytest.importorskip("scipy.stats")
+    reference = stats.truncnorm((0.1 - 0.5) / 0.1, (0.3 - 0.5) / 0.1, loc=0.5, scale=0.1)
+    assert stats.kstest(ratios.numpy(), reference.cdf).pvalue > 0.01
+    # far from the bounds the truncation does nothing: N(0.5, 0.1) itself
+    wide = torch.tensor([MaskingRule(low=0.0, high=1.0).sample_ratio(gen) for _ in range(2000)])
+    assert wide.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert wide.std().item() == pytest.approx(0.1, abs=0.01)
+    assert MaskingRule(mean=0.5, std=0.0).sample_ratio() == 0.3  # degenerate: the mean, kept in bounds
+
+
+def test_mask_ratio_draws_follow_the_seed():
+    first = [MaskingRule().sample_ratio(torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(first)) == 1
+    torch.manual_seed(5)
+    a = [MaskingRule().sample_ratio() for _ in range(3)]
+    torch.manual_seed(5)
+    assert a == [MaskingRule().sample_ratio() for _ in range(3)] and len(set(a)) == 3
 
 
 def test_each_eligible_token_masked_with_the_ratio():
@@ -152,6 +196,9 @@ def test_at_least_one_token_is_masked():
         assert mask.sum() == 1 and (mask & eligible_tokens(MASK_TOKENS)).sum() == 1
     nothing_eligible = _tokens([[1, 2, 0]], [2], [[True, True, False]])
     assert not sample_mlm_mask(nothing_eligible, never)[0].any()
+    # the reference has no such rule: a batch may mask nothing
+    reference = MaskingRule(mean=0.0, std=0.0, low=0.0, high=0.0, min_one=False)
+    assert not sample_mlm_mask(MASK_TOKENS, reference)[0].any()
 
 
 def test_masks_are_reproducible():
@@ -204,6 +251,29 @@ def test_mtp_hand_computed_label_smoothed_mean_over_masked():
         log_p = [x - log_z for x in row]
         terms.append(-(1 - eps) * log_p[target] - eps / v * sum(log_p))
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_mtp_matches_the_reference_formula():
+    """The reference's L_mtp, transcribed (``LabelSmoothingCrossEntropy`` + ``crossEntropy``):
+        logp = log_softmax(logits);  nll = −logp[target];  smooth = −mean_v logp
+        per_token = 0.9 · nll + 0.1 · smooth
+        loss = Σ per_token · mask / (Σ mask + 5e-6)     # mask: hidden, real tokens"""
+    _, mtp, text, visual = _mtp_case()
+    guided = _guided(text, visual)
+    loss = mtp(guided, {})
+    out = guided.extras["mtp"]
+    logp = torch.log_softmax(out["logits"].double(), dim=-1)
+    per_token = 0.9 * -logp.gather(1, out["targets"][:, None])[:, 0] + 0.1 * -logp.mean(-1)
+    n_masked = out["mask"].sum()
+    reference = per_token.sum() / (n_masked + 5e-6)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_mtp_without_a_masked_token_is_zero_like_the_reference():
+    _, mtp, text, visual = _mtp_case()
+    mtp.rule = MaskingRule(mean=0.0, std=0.0, low=0.0, high=0.0, min_one=False)
+    loss = mtp(_guided(text, visual), {})
+    assert loss.item() == 0.0 and loss.requires_grad
 
 
 def test_mtp_logits_tied_to_frozen_embeddings():
@@ -303,22 +373,71 @@ def test_ras_zero_when_codes_reproduce_word_similarities():
         assert loss.item() == pytest.approx(0.0, abs=1e-10)
 
 
-def test_ras_padding_aware_vs_reference():
-    pad = [0.3, -1.0]  # a padding position's arbitrary feature
-    words = RAS_T + [pad]
+def _ras_reference_by_hand(t, codes, real) -> float:
+    """The reference's L_ras, transcribed (single caption, projection = identity):
+        t̂ = t / ‖t‖;  q = (t̂ · mask) (t̂ · mask)ᵀ
+        ĉ = c / ‖c‖;  p = (ĉ · mask) (ĉ · mask)ᵀ
+        loss = MSELoss()(p, q)            # mean over all B·L·L entries
+    with mask = 1 at real tokens, 0 at padding."""
+    n = len(t)
+    q = [[_cos(t[l], t[m]) * real[l] * real[m] for m in range(n)] for l in range(n)]
+    p = [[_cos(codes[l], codes[m]) * real[l] * real[m] for m in range(n)] for l in range(n)]
+    return sum((p[l][m] - q[l][m]) ** 2 for l in range(n) for m in range(n)) / (n * n)
+
+
+def test_ras_reference_reduction_zeroes_padding_rows_and_columns():
+    """One caption of 3 words + 1 padding token: padding counts in the divisor (16 entries)
+    but not in the sum."""
+    words = RAS_T + [[0.3, -1.0]]  # the padding position's arbitrary feature
     t, v, z = _ras_inputs(t=words)
     real = torch.tensor([[True, True, True, False]])
     loss, n_star = relationship_alignment(t, v, z, nn.Identity(), real)
     ref, _ = relationship_alignment(t, v, z, nn.Identity(), real, reduction="reference")
     codes = [RAS_Z[n] for n in n_star[0].tolist()]
     real_pairs = [(l, m) for l in range(3) for m in range(3) if l != m]
-    every_entry = [(l, m) for l in range(4) for m in range(4)]
     assert loss.item() == pytest.approx(_ras_by_hand(words, codes, real_pairs), rel=1e-5)
-    assert ref.item() == pytest.approx(_ras_by_hand(words, codes, every_entry), rel=1e-5)
-    # the padding word changes only the reference reduction
-    unpadded, _ = relationship_alignment(*_ras_inputs(), nn.Identity(), torch.ones(1, 3, dtype=torch.bool))
-    assert loss.item() == pytest.approx(unpadded.item(), rel=1e-6)
-    assert ref.item() != pytest.approx(unpadded.item(), rel=1e-3)
+    assert ref.item() == pytest.approx(_ras_reference_by_hand(words, codes, [1, 1, 1, 0]), rel=1e-5)
+    # by hand: the real pairs (0,2) err 1/2 and (1,2) err (1-1/√2)², each twice, over 4·4 entries
+    assert ref.item() == pytest.approx((2 * 0.5 + 2 * (1 - 1 / math.sqrt(2)) ** 2) / 16, rel=1e-5)
+    # letting the padding entries into the sum (the old behaviour) gives another number
+    every_entry = [(l, m) for l in range(4) for m in range(4)]
+    assert ref.item() != pytest.approx(_ras_by_hand(words, codes, every_entry), rel=1e-2)
+    # the padding word's feature changes neither reduction
+    other_pad, _, _ = _ras_inputs(t=RAS_T + [[-5.0, 2.0]])
+    for reduction, value in (("real_words", loss), ("reference", ref)):
+        again, _ = relationship_alignment(other_pad, v, z, nn.Identity(), real, reduction=reduction)
+        assert again.item() == pytest.approx(value.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["real_words", "reference"])
+def test_ras_padding_sends_no_gradient_to_codes(reduction):
+    # the padding word (-1, -1) picks visual position 2, which no real word picks
+    t, v, z = _ras_inputs(t=RAS_T + [[-1.0, -1.0]], v=RAS_V + [[-1.0, -1.0]], z=RAS_Z + [[1.0, 2.0]])
+    real = torch.tensor([[True, True, True, False]])
+    loss, n_star = relationship_alignment(t, v, z, nn.Identity(), real, reduction=reduction)
+    assert n_star.tolist() == [[0, 1, 1, 2]]
+    loss.backward()
+    grad_norm = z.grad[0, :, 0].norm(dim=0)  # per visual position
+    assert grad_norm[0] > 0 and grad_norm[1] > 0
+    assert grad_norm[2] == 0
+
+
+def test_ras_weight_factor_between_reductions():
+    """At the same weight the default reduction is B·L²/#pairs times the reference's."""
+    torch.manual_seed(0)
+    b, length, n_pos = 3, 10, 6
+    t, v = torch.randn(b, length, 5), torch.randn(b, n_pos, 5)
+    z = torch.randn(b, 5, 2, 3)
+    lengths = torch.tensor([4, 7, 10])
+    real = torch.arange(length)[None] < lengths[:, None]
+    default, _ = relationship_alignment(t, v, z, nn.Identity(), real)
+    reference, _ = relationship_alignment(t, v, z, nn.Identity(), real, reduction="reference")
+    factor = ras_strength_factor(real)
+    assert factor == pytest.approx(b * length ** 2 / (4 * 3 + 7 * 6 + 10 * 9))
+    assert default.item() == pytest.approx(factor * reference.item(), rel=1e-5)
+    # the docstring's example: 15-word captions at L = 30 → ≈ 4.3×
+    assert ras_strength_factor(torch.arange(30)[None] < 15) == pytest.approx(900 / 210)
+    assert ras_strength_factor(torch.zeros(2, 5, dtype=torch.bool)) == 1.0
 
 
 def test_ras_similarity_weighting_flips_signs_only():

@@ -8,8 +8,10 @@
 * :class:`MLMHead` — turns decoder states into vocabulary logits, tied to the text
   encoder's frozen token-embedding matrix.
 
-Every LayerNorm uses ``eps >= 1e-5`` and every attention mask is boolean, so the layers are
-safe under fp16/bf16 autocast (trap §2.3 of the design).
+Every LayerNorm uses ``eps >= 1e-5`` by default and every attention mask is boolean, so the
+layers are safe under fp16/bf16 autocast (trap §2.3 of the design). The text decoder's eps is
+settable (``mtp.norm_eps``): the reference's 1e-12 is still safe under autocast (LayerNorm
+runs in fp32 there) but not in a model cast to half precision with ``.half()``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-#: LayerNorm epsilon for every layer here: 1e-12 (the reference) underflows in fp16.
+#: LayerNorm epsilon of the layers here (default): 1e-12 (the reference) underflows in fp16.
 LN_EPS = 1e-5
+
+#: feed-forward activations of the text decoder (reference: ReLU; ours: GELU, as BERT).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def _grid_tuple(grid: int | tuple[int, int]) -> tuple[int, int]:
@@ -145,16 +150,37 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Post-LN transformer decoder layer: self-attention, cross-attention, GELU MLP, each
-    followed by residual add and LayerNorm (as BERT and the reference)."""
+    """Post-LN transformer decoder layer: self-attention, cross-attention, feed-forward, each
+    followed by dropout, residual add and LayerNorm (as BERT and the reference).
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    Args:
+        width: model width.
+        heads: attention heads.
+        mlp_ratio: feed-forward hidden width as a multiple of ``width`` (if ``mlp_hidden`` is None).
+        dropout: on each sub-layer's output and after the feed-forward activation (the
+            reference's places).
+        mlp_hidden: feed-forward hidden width, overriding ``mlp_ratio`` (reference: 512).
+        activation: ``"gelu"`` or ``"relu"`` (reference).
+        norm_eps: LayerNorm epsilon (reference: 1e-12).
+        attn_dropout: dropout on the attention weights (the reference has none).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
+                 mlp_hidden: int | None = None, activation: str = "gelu", norm_eps: float = LN_EPS,
+                 attn_dropout: float = 0.0):
         super().__init__()
-        self.self_attn = Attention(width, heads, dropout)
-        self.cross_attn = Attention(width, heads, dropout)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width, eps=LN_EPS) for _ in range(3))
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"text decoder activation must be one of {sorted(ACTIVATIONS)}, got "
+                             f"{activation!r} (mtp.activation)")
+        self.self_attn = Attention(width, heads, attn_dropout)
+        self.cross_attn = Attention(width, heads, attn_dropout)
+        hidden = int(mlp_hidden) if mlp_hidden is not None else int(width * mlp_ratio)
+        # activation and its dropout share one slot, so the parameter names (mlp.0, mlp.2)
+        # do not depend on whether there is dropout
+        self.mlp = nn.Sequential(nn.Linear(width, hidden),
+                                 nn.Sequential(ACTIVATIONS[activation](), nn.Dropout(dropout)),
+                                 nn.Linear(hidden, width))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width, eps=norm_eps) for _ in range(3))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, context: Tensor, padding_mask: Tensor,
@@ -168,21 +194,28 @@ class TextDecoder(nn.Module):
     """Masked caption features + visual tokens → per-token states (B, L, width).
 
     Post-LN layers (as the reference): self-attention over the real (non-padding) tokens
-    of each caption, cross-attention to every visual token, then an MLP. Masked positions
-    are first replaced by a learned mask embedding *per position*, so the decoder knows
-    where a word is missing without seeing it.
+    of each caption, cross-attention to every visual token, then a feed-forward block. No
+    positional encoding (as the reference): masked positions are replaced by a learned mask
+    embedding *per position*, so the decoder knows where a word is missing without seeing
+    it, and the unmasked features are contextual already.
+
+    The reference's padding mask has the wrong shape ((B, 1, 1), holding the caption
+    lengths) and masks nothing, so its real tokens attend to zeroed padding slots; here
+    padding keys are masked — the one deliberate difference from ``guidance/reference.gin``.
 
     Args:
         width: Dt, the width of the token features (and of the visual tokens).
         max_length: L, caption length of the text encoder (one mask embedding per position).
         depth: decoder layers (reference: 2).
         heads: attention heads (must divide ``width``).
-        mlp_ratio: MLP hidden width as a multiple of ``width``.
-        dropout: dropout inside the layers.
+        mlp_ratio: feed-forward hidden width as a multiple of ``width``.
+        dropout: dropout inside the layers (see :class:`DecoderLayer`).
+        mlp_hidden, activation, norm_eps, attn_dropout: see :class:`DecoderLayer`.
     """
 
     def __init__(self, width: int, max_length: int, *, depth: int = 2, heads: int = 8,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, mlp_hidden: int | None = None,
+                 activation: str = "gelu", norm_eps: float = LN_EPS, attn_dropout: float = 0.0):
         super().__init__()
         if width % heads:
             raise ValueError(f"text decoder width {width} (the text encoder's width) is not divisible "
@@ -190,7 +223,10 @@ class TextDecoder(nn.Module):
         self.width, self.max_length = width, max_length
         self.mask_embed = nn.Parameter(torch.zeros(max_length, width))
         nn.init.trunc_normal_(self.mask_embed, std=0.02)
-        self.layers = nn.ModuleList(DecoderLayer(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            DecoderLayer(width, heads, mlp_ratio, dropout, mlp_hidden=mlp_hidden, activation=activation,
+                         norm_eps=norm_eps, attn_dropout=attn_dropout)
+            for _ in range(depth))
         head_init_(self.layers)
 
     def forward(self, token_feats: Tensor, mask: Tensor, padding_mask: Tensor, visual_tokens: Tensor,
@@ -256,4 +292,5 @@ def head_init_(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["Attention", "CodeTextTransformer", "DecoderLayer", "TextDecoder", "MLMHead", "LN_EPS", "head_init_"]
+__all__ = ["Attention", "CodeTextTransformer", "DecoderLayer", "TextDecoder", "MLMHead", "LN_EPS", "ACTIVATIONS",
+           "head_init_"]

@@ -145,23 +145,34 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
 
     Args:
         depth: decoder layers (reference: 2).
-        heads: decoder attention heads (must divide the text width).
-        mlp_ratio: decoder MLP width multiple.
-        dropout: decoder dropout.
+        heads: decoder attention heads (must divide the text width; reference: 1).
+        mlp_ratio: decoder feed-forward width as a multiple of the text width.
+        dropout: decoder dropout (reference: 0.1).
         label_smoothing: cross-entropy label smoothing (reference: 0.1).
         mask_ratio_mean, mask_ratio_std, mask_ratio_low, mask_ratio_high: the per-batch
-            masking ratio ~ N(mean, std) clipped to [low, high] (reference: 0.5, 0.1, 0.1, 0.3).
+            masking ratio ~ N(mean, std) *truncated* to [low, high] (reference: 0.5, 0.1,
+            0.1, 0.3, giving a mean ratio ≈ 0.263; see :class:`MaskingRule`).
+        mask_min_one: hide at least one token per batch (the reference does not).
         seed: seed of a private generator for the masks; ``None`` uses torch's global RNG
             (so ``torch.manual_seed`` makes the masks reproducible).
+        mlp_hidden: decoder feed-forward width, overriding ``mlp_ratio`` (reference: 512).
+        activation: decoder feed-forward activation, ``"gelu"`` or ``"relu"`` (reference).
+        norm_eps: decoder LayerNorm epsilon (reference: 1e-12).
+        attn_dropout: dropout on the decoder's attention weights (reference: none).
     """
 
     def __init__(self, depth: int = 2, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  label_smoothing: float = 0.1, mask_ratio_mean: float = 0.5, mask_ratio_std: float = 0.1,
-                 mask_ratio_low: float = 0.1, mask_ratio_high: float = 0.3, seed: int | None = None):
+                 mask_ratio_low: float = 0.1, mask_ratio_high: float = 0.3, seed: int | None = None,
+                 mask_min_one: bool = True, mlp_hidden: int | None = None, activation: str = "gelu",
+                 norm_eps: float = LN_EPS, attn_dropout: float = 0.0):
         super().__init__()
         self.depth, self.heads, self.mlp_ratio, self.dropout = depth, heads, mlp_ratio, dropout
+        self.mlp_hidden, self.activation, self.norm_eps = mlp_hidden, activation, float(norm_eps)
+        self.attn_dropout = float(attn_dropout)
         self.label_smoothing = float(label_smoothing)
-        self.rule = MaskingRule(mask_ratio_mean, mask_ratio_std, mask_ratio_low, mask_ratio_high)
+        self.rule = MaskingRule(mask_ratio_mean, mask_ratio_std, mask_ratio_low, mask_ratio_high,
+                                min_one=bool(mask_min_one))
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def setup(self, guide: Any) -> None:
@@ -173,7 +184,9 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
                              f"{guide.visual_width}")
         vocab = encoder.vocab_embeddings
         self.decoder = TextDecoder(encoder.width, encoder.max_length, depth=self.depth,
-                                   heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout)
+                                   heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                                   mlp_hidden=self.mlp_hidden, activation=self.activation,
+                                   norm_eps=self.norm_eps, attn_dropout=self.attn_dropout)
         self.head = MLMHead(encoder.width, vocab.shape[1], vocab.shape[0])
         # The encoder stays outside this module (frozen weights must not reach state_dict);
         # LanguageGuided moves it with .to().
@@ -200,9 +213,9 @@ class MaskedTextPrediction(_NeedsSetup, nn.Module):
         self._check_setup()
         text = _require_text(guided, "mtp")
         mask, ratio = sample_mlm_mask(text.tokens, self.rule, self.generator)
-        factors = guided.extras.get("visual_factors")
-        if factors is not None:  # same result, cheaper: cross-attend through the factored form
-            logits = self.predict(factors[0], text, mask, visual_map=factors[1])
+        if guided.visual_states is not None and guided.visual_proj is not None:
+            # same result, cheaper: cross-attend through the factored form (GuidedOutput docs)
+            logits = self.predict(guided.visual_states, text, mask, visual_map=guided.visual_proj)
         else:
             logits = self.predict(guided.visual_tokens, text, mask)
         targets = text.tokens.ids[mask]
@@ -226,22 +239,28 @@ def relationship_alignment(token_feats: Tensor, visual_tokens: Tensor, z_q: Tens
 
     For each word l: n*(l) = argmax_n cos(t_l, v_n) over the h·w visual tokens (value a_l);
     c_l = project(z_q at n*(l)); Q = t̂ t̂ᵀ (detached) and P = ĉ ĉᵀ; loss = mean (P − Q)².
+    Only the pairs of words in ``real`` enter the sum; the others get no gradient.
 
     Args:
         token_feats: (B, L, Dt) frozen word features t.
         visual_tokens: (B, h·w, Dt) visual tokens v_1..v_hw (global token excluded).
         z_q: (B, Dq, h, w) quantized latents (straight-through: gradients reach the encoder).
         project: Dq → Dt map applied to the gathered codes.
-        real: (B, L) bool, the words that count under ``reduction="real_words"``.
-        reduction: ``"real_words"`` — mean over pairs (l, m), l ≠ m, of real words of the same
-            caption (the diagonal is identically 0 and padding is noise); ``"reference"`` —
-            mean over all B·L·L entries, padding and diagonal included, as the reference does.
+        real: (B, L) bool, the words that count (padding is never one).
+        reduction: ``"real_words"`` — mean over the pairs (l, m), l ≠ m, of real words of the
+            same caption (the diagonal is identically 0); ``"reference"`` — as the reference:
+            the rows and columns of P and Q outside ``real`` are zeroed and the sum is
+            divided by all B·L·L entries (padding and diagonal count in the divisor, not in
+            the sum). At the same weight ``"real_words"`` is therefore
+            B·L² / #pairs times as strong (see :class:`RelationshipAlignment`).
         weight_by_similarity: the reference's c_l ← a_l·c_l before normalising (it only flips
             the sign of c_l where a_l < 0); off by default.
 
     Returns:
         ``(loss, n_star)`` with ``n_star`` (B, L) the chosen visual position of each word.
     """
+    if reduction not in ("real_words", "reference"):
+        raise ValueError(f"ras.reduction must be 'real_words' or 'reference', got {reduction!r}")
     dtype = _common_dtype(token_feats, visual_tokens)
     with _no_autocast(token_feats):
         t = F.normalize(token_feats.to(dtype), dim=-1, eps=eps)
@@ -258,14 +277,24 @@ def relationship_alignment(token_feats: Tensor, visual_tokens: Tensor, z_q: Tens
         p = c @ c.transpose(1, 2)
         q = (t @ t.transpose(1, 2)).detach()
         err = (p - q).square()  # (B, L, L)
-    if reduction == "reference":
-        return err.mean(), n_star
-    if reduction != "real_words":
-        raise ValueError(f"ras.reduction must be 'real_words' or 'reference', got {reduction!r}")
-    length = real.shape[1]
-    pairs = real[:, :, None] & real[:, None, :] & ~torch.eye(length, dtype=torch.bool, device=real.device)
+    pairs = real[:, :, None] & real[:, None, :]  # (B, L, L)
+    if reduction == "real_words":
+        pairs = pairs & ~torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
+    # where(), not a product: entries outside ``pairs`` get exactly zero gradient, even when
+    # their error is not finite (e.g. a zero feature at padding)
     total = torch.where(pairs, err, torch.zeros_like(err)).sum()
+    if reduction == "reference":
+        return total / err.numel(), n_star
     return total / pairs.sum().clamp_min(1), n_star
+
+
+def ras_strength_factor(real: Tensor) -> float:
+    """How many times stronger ``reduction="real_words"`` is than ``"reference"`` at the same
+    weight on a batch whose counted words are ``real`` (B, L): B·L² / #off-diagonal real pairs
+    (0 pairs: the loss is 0 under both, and the factor is reported as 1)."""
+    n = real.sum(dim=1).double()
+    pairs = float((n * (n - 1)).sum())
+    return real.numel() * real.shape[1] / pairs if pairs > 0 else 1.0
 
 
 def _project_codes(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -280,11 +309,21 @@ class RelationshipAlignment(_NeedsSetup, nn.Module):
     """L_ras: the similarity between two words' codes should match that between the words.
 
     Args:
-        reduction: ``"real_words"`` (default; padding-aware, off-diagonal pairs of real
-            words) or ``"reference"`` (mean over every entry, padding included).
+        reduction: ``"real_words"`` (default: mean over off-diagonal pairs of real words) or
+            ``"reference"`` (the reference's sum over real pairs divided by B·L·L, with L the
+            padded caption length).
         weight_by_similarity: the reference's a_l weighting of c_l (see
             :func:`relationship_alignment`).
-        include_special: count start/end tokens as words under ``"real_words"``.
+        include_special: count start/end tokens as words (the reference does: it finds
+            padding as token id 0, so only padding is left out).
+
+    **Weights.** The two reductions share the sum and differ in the divisor, so at the same
+    ``w_ras`` the default is ``B·L² / #pairs`` times as strong as the reference, #pairs being
+    Σ_b n_b(n_b − 1) over the n_b real words of each caption: ≈ L²/(n² − n) for captions of
+    n words — ≈ 4.3× for 15-word captions at L = 30, ≈ 20× for 7-word ones. The paper's
+    weights (``w_ras = 1e-4``) were tuned for ``"reference"``; to keep their strength with
+    ``"real_words"``, divide ``w_ras`` by that factor (:func:`ras_strength_factor` computes it
+    for a batch of captions), or set ``ras.reduction = 'reference'``.
     """
 
     def __init__(self, reduction: RasReduction = "real_words", weight_by_similarity: bool = False,
@@ -326,4 +365,4 @@ def register_alignment_losses(register):
 
 
 __all__ = ["GlobalSemanticAlignment", "MaskedTextPrediction", "RelationshipAlignment", "info_nce",
-           "relationship_alignment", "NORM_EPS"]
+           "relationship_alignment", "ras_strength_factor", "NORM_EPS"]
