@@ -43,6 +43,10 @@ class Quantizer(Protocol):
     """Maps continuous latents (B, D, h, w) to the nearest of K codes.
 
     Registered factories are called as ``factory(dim=D, **settings)``.
+
+    Attributes:
+        num_codes: K, the codebook size (codebook-usage metrics count over it).
+        dim: D, the code width (equals the tokenizer's ``embed_dim``).
     """
 
     num_codes: int
@@ -52,7 +56,8 @@ class Quantizer(Protocol):
     def codebook(self) -> Tensor:
         """(K, D) the codes as used for lookup (after any projection/normalisation)."""
 
-    def __call__(self, z: Tensor) -> Quantized: ...
+    def __call__(self, z: Tensor) -> Quantized:
+        """(B, D, h, w) continuous latents → :class:`Quantized` (codes, indices, loss, stats)."""
 
     def embed(self, indices: Tensor) -> Tensor:
         """(B, h, w) indices → (B, D, h, w) codes."""
@@ -72,22 +77,45 @@ class LossOutput:
 
 
 @runtime_checkable
-class Tokenizer(Protocol):
+class GuidableTokenizer(Protocol):
+    """What :class:`~lgvq_plugins.guidance.LanguageGuided` needs of a tokenizer: one forward
+    that returns the quantized grid, and the grid's width and size.
+
+    Enough to guide a model in your own training loop; the project's ``Trainer`` and
+    ``save_pretrained`` need the full :class:`Tokenizer`.
+
+    Attributes:
+        embed_dim: D, the channel width of ``Quantized.z_q`` (sizes the code–text transformer).
+    """
+
+    embed_dim: int
+
+    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Latent grid (h, w) for an input of ``image_size`` (sizes the positional embeddings)."""
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Quantized]:
+        """(B, 3, H, W) → ``(reconstruction, Quantized)``: the one forward of a batch."""
+
+
+@runtime_checkable
+class Tokenizer(GuidableTokenizer, Protocol):
     """Encoder → quantizer → decoder, with its own training objectives.
 
     ``forward(x)`` returns ``(reconstruction, quantized)``. The generator objective is
     computed from the *one* forward of a batch; the discriminator (if any) sees the
     detached reconstruction, so no batch is run through the generator twice.
-    ``config`` holds the constructor arguments (JSON-serialisable) so that
-    ``create_backbone(name, **config)`` rebuilds the same architecture.
+    A foreign model (say taming-transformers' ``VQModel``) meets it through a thin adapter;
+    :mod:`lgvq_plugins.adapters` holds the boilerplate (docs/architecture.md shows one).
+
+    Attributes:
+        quantizer: the :class:`Quantizer` (the trainer's codebook-usage metrics and
+            fingerprints read its ``num_codes`` and ``codebook``).
+        config: the constructor arguments (JSON-serialisable), so that
+            ``create_backbone(name, **config)`` rebuilds the same architecture.
     """
 
     quantizer: Quantizer
-    embed_dim: int
     config: dict[str, Any]
-
-    def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        """Latent grid (h, w) for an input of ``image_size``."""
 
     def encode(self, x: Tensor) -> Quantized:
         """(B, 3, H, W) in [-1, 1] → :class:`Quantized` with ``z_q`` (B, D, h, w)."""
@@ -97,8 +125,6 @@ class Tokenizer(Protocol):
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """(B, h, w) → (B, 3, H, W); equals ``decode(quantizer.embed(indices))``."""
-
-    def __call__(self, x: Tensor) -> tuple[Tensor, Quantized]: ...
 
     def generator_loss(self, x: Tensor, reconstruction: Tensor, quantized: Quantized,
                        step: int) -> LossOutput:
@@ -112,6 +138,20 @@ class Tokenizer(Protocol):
     def discriminator_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters of the discriminator (empty list when there is none); everything else
         is trained by the generator optimizer."""
+
+
+@runtime_checkable
+class SavableTokenizer(Tokenizer, Protocol):
+    """A :class:`Tokenizer` that :func:`~lgvq_plugins.pretrained.save_pretrained` can write and
+    ``from_pretrained`` rebuild from data alone (registry name + JSON ``config``).
+
+    Attributes:
+        lgvq_registry_name: the backbone registry name that rebuilds it; set by
+            ``create_backbone`` (register the class with ``@register_backbone("name")`` and
+            build it by name).
+    """
+
+    lgvq_registry_name: str
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,9 +229,11 @@ class TextEncoder(Protocol):
     def vocab_embeddings(self) -> Tensor:
         """(V, De) the frozen token-embedding matrix (tied MLM output layer of L_mtp)."""
 
-    def tokenize(self, captions: list[str]) -> TextTokens: ...
+    def tokenize(self, captions: list[str]) -> TextTokens:
+        """B caption strings → :class:`TextTokens` padded to ``max_length``, with lengths."""
 
-    def encode(self, tokens: TextTokens) -> TextFeatures: ...
+    def encode(self, tokens: TextTokens) -> TextFeatures:
+        """Frozen features of ``tokens`` (the feature cache calls it once per unique caption)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,8 +250,18 @@ class GuidedOutput:
         quantized: the tokenizer's :class:`Quantized`.
         text: frozen features of the batch's captions (None when guidance is off).
         visual_tokens: (B, 1 + h·w, Dt) code–text transformer output, global token first.
-        extras: anything a loss computed on the way that another may reuse
-            (e.g. the masked-token decoder output and its targets).
+        visual_states: (B, 1 + h·w, W) the code–text transformer's states before its output
+            projection, with ``visual_tokens == visual_proj(visual_states)``. A loss that
+            attends to the visual tokens may attend to these instead and fold ``visual_proj``
+            into its own key/value projection — the same result, cheaper when W < Dt (L_mtp
+            does). None when the producer has no such factorisation.
+        visual_proj: the linear map (W → Dt) above, or None.
+        extras: what each alignment loss computed on the way, for logging, tasks and tests,
+            under the loss's registry name (``extras["mtp"]`` holds the mask, ratio, logits
+            and targets; ``extras["ras"]`` the chosen visual positions). A loss writes only
+            its own key — ``LanguageGuided`` rejects any other — and never reads another
+            loss's key: losses can be switched off or reordered. What several losses share
+            is a documented field of this class instead.
         losses: weighted alignment terms (name → scalar), summed into the objective.
         raw_losses: the same terms before weighting (for logging).
     """
@@ -221,6 +273,8 @@ class GuidedOutput:
     extras: dict[str, Any] = field(default_factory=dict)
     losses: dict[str, Tensor] = field(default_factory=dict)
     raw_losses: dict[str, Tensor] = field(default_factory=dict)
+    visual_states: Tensor | None = None
+    visual_proj: torch.nn.Module | None = None
 
 
 @runtime_checkable
