@@ -22,6 +22,8 @@ from torch import nn
 
 from lgvq_plugins import api
 from lgvq_plugins._version import __version__
+from lgvq_plugins.contracts import check_implements
+from lgvq_plugins.interfaces import SavableTokenizer
 
 from lgvq_plugins.training.checkpoint import load_tensors, save_tensors, to_jsonable, write_json_atomic
 
@@ -104,9 +106,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
     ``guidance_config`` overrides the guidance settings recorded (keyword arguments of the
     guidance class other than the tokenizer).
     """
+    tokenizer = _tokenizer_of(model)
+    # from_pretrained must hand back a whole tokenizer, rebuilt from its registry name;
+    # checked before anything is written
+    check_implements(tokenizer, SavableTokenizer, role="save_pretrained(model)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer_of(model)
     settings = dict(guidance_config) if guidance_config is not None else guidance_settings(model)
     if settings is not None:
         settings = {k: v for k, v in settings.items() if v is not None}

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from lgvq_plugins import api
 from lgvq_plugins.guidance.code_text import CodeTextTransformer
-from lgvq_plugins.interfaces import GuidedOutput, TextEncoder
+from lgvq_plugins.contracts import check_implements
+from lgvq_plugins.interfaces import GuidableTokenizer, GuidedOutput, TextEncoder
 from lgvq_plugins.text.cache import TextFeatureCache
 
 #: Loss weights of the reference (CelebA-HQ, TextCaps; CUB uses 0.001 for all three).
@@ -88,7 +89,8 @@ class LanguageGuided(nn.Module):
         super().__init__()
         if isinstance(tokenizer, str):
             tokenizer = api.create_backbone(tokenizer)
-        self.tokenizer = tokenizer
+        # Checked now, all members at once, instead of an AttributeError deep in a forward.
+        self.tokenizer = check_implements(tokenizer, GuidableTokenizer, role="LanguageGuided(tokenizer=...)")
         self.enabled = bool(enabled)
         # Frozen, non-module state: a plain dict is never registered as a submodule.
         self._frozen: dict[str, Any] = {}
@@ -102,6 +104,7 @@ class LanguageGuided(nn.Module):
 
         encoder = api.create_text_encoder(text_encoder) if isinstance(text_encoder, str) \
             else text_encoder
+        check_implements(encoder, TextEncoder, role="LanguageGuided(text_encoder=...)")
         if isinstance(encoder, nn.Module):
             encoder.requires_grad_(False)
             encoder.eval()
@@ -202,12 +205,15 @@ class LanguageGuided(nn.Module):
             raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
         with torch.no_grad():
             text = self.text_cache(captions, images.device)
-        # visual_tokens == proj_out(hidden): a loss attending to the visual tokens may use the
-        # narrower hidden states and fold proj_out into its own projection (see mtp).
         guided = GuidedOutput(reconstruction, quantized, text=text, visual_tokens=visual_tokens,
-                              extras={"visual_factors": (hidden, self.code_text.proj_out)})
+                              visual_states=hidden, visual_proj=self.code_text.proj_out)
         for name, loss_fn in self.alignment_losses.items():
+            before = set(guided.extras)
             raw = loss_fn(guided, batch)
+            if not set(guided.extras) - before <= {name}:  # extras are namespaced per loss
+                raise ValueError(f"alignment loss {name!r} wrote GuidedOutput.extras keys "
+                                 f"{sorted(set(guided.extras) - before - {name})}; a loss writes only "
+                                 f"extras[{name!r}] (see lgvq_plugins/interfaces.py, GuidedOutput)")
             guided.raw_losses[name] = raw
             guided.losses[name] = raw * self.weights[name]
         return guided

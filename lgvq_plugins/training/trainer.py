@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lgvq_plugins.training import distributed as D
-from lgvq_plugins.interfaces import GuidedOutput, LossOutput
+from lgvq_plugins.contracts import check_implements
+from lgvq_plugins.interfaces import GuidedOutput, LossOutput, Tokenizer
 from lgvq_plugins.data.sampler import ResumableSampler
 from lgvq_plugins.training.logs import MetricsLogger, to_float
 from lgvq_plugins.training.optim import create_optimizer, create_scheduler
@@ -168,6 +169,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
             raise ValueError(f"Trainer.precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
         if not hasattr(model, "tokenizer"):
             raise TypeError(f"Trainer needs a model with a .tokenizer (a LanguageGuided), got {type(model).__name__}")
+        check_implements(model.tokenizer, Tokenizer, role="Trainer(model=...).tokenizer")
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.samples_dir = self.out_dir / "samples"
