@@ -152,7 +152,9 @@ def test_automatic_flush_and_warm(encoder, tmp_path):
     cache = TextFeatureCache(counting, tmp_path, flush_every=2)
     cache(["one", "two", "three"])
     assert len(shards(tmp_path)) == 1  # flushed without an explicit save()
-    assert cache.save() is not None or cache.stats.shards_written == 1
+    # the three rows of that call went into one shard at once: nothing is left pending
+    assert cache.stats.shards_written == 1 and cache.save() is None
+    assert len(TextFeatureCache(encoder, tmp_path)) == 3
 
     warm_captions = [f"caption number {i}" for i in range(5)] * 2 + ["one"]
     assert cache.warm(warm_captions, batch_size=2) == 5
@@ -171,19 +173,94 @@ def test_memory_limit_reads_back_from_disk(encoder, tmp_path):
     cache = TextFeatureCache(counting, tmp_path, max_memory_rows=2)
     expected = cache(["a", "b", "c", "d"])
     assert len(cache._memory) == 2
-    again = cache(["a"])  # evicted but not yet on disk: served from the pending rows
-    assert len(counting.batches) == 1 and cache.stats.disk_hits == 0
-    assert torch.equal(again.token_feats[0], expected.token_feats[0])
-    cache.save()
-    again = cache(["b", "c", "d"])  # b, c were evicted by now: read back from the shard
+    # evicting a row not yet on disk wrote the pending rows first: nothing was lost
+    assert cache.stats.shards_written == 1 and len(shards(tmp_path)) == 1
+    again = cache(["a", "b"])  # evicted: read back from the shard, not encoded
     assert len(counting.batches) == 1 and cache.stats.disk_hits == 2
-    assert torch.equal(again.token_feats, expected.token_feats[1:])
+    assert torch.equal(again.token_feats, expected.token_feats[:2])
+    assert torch.equal(again.tokens.ids, expected.tokens.ids[:2])
 
     memory_only = CountingEncoder(encoder)
     cache = TextFeatureCache(memory_only, max_memory_rows=2)
     cache(["a", "b", "c"])
     cache(["a"])
     assert memory_only.batches == [["a", "b", "c"], ["a"]]  # evicted rows are encoded again
+
+
+class CheapEncoder:
+    """A deterministic stand-in of a given width: features are a function of the caption."""
+
+    identity, special_token_ids = "cheap-v1", frozenset({1, 2})
+
+    def __init__(self, width: int = 48, max_length: int = 6):
+        self.width, self.global_width, self.max_length = width, width, max_length
+        self.calls = 0
+
+    def tokenize(self, captions):
+        n = len(captions)
+        ids = torch.tensor([[1, 3 + sum(map(ord, c)) % 50, 2] + [0] * (self.max_length - 3) for c in captions])
+        special = torch.zeros(n, self.max_length, dtype=torch.bool)
+        special[:, [0, 2]] = True
+        return TextTokens(ids, torch.full((n,), 3), special)
+
+    def encode(self, tokens):
+        self.calls += tokens.ids.shape[0]
+        seed = tokens.ids[:, 1:2].double()
+        base = torch.arange(self.max_length * self.width, dtype=torch.float64).reshape(self.max_length, self.width)
+        feats = torch.sin(base[None] * 0.01 + seed[..., None]).float()
+        return TextFeatures(feats, feats.mean(1), tokens)
+
+
+ROW_BYTES = 6 * 48 * 4 + 48 * 4 + 6 * 8 + 8 + 6  # token feats, global, ids, length, special
+
+
+def test_memory_stays_under_the_bound_and_evicted_rows_read_back_equal(tmp_path):
+    captions = [f"caption {i}" for i in range(600)]
+    bound_mb = 40 * ROW_BYTES / 2**20  # room for 40 rows
+    encoder = CheapEncoder()
+    cache = TextFeatureCache(encoder, tmp_path, max_memory_mb=bound_mb, flush_every=64)
+    first = {}
+    for start in range(0, len(captions), 10):
+        batch = captions[start:start + 10]
+        feats = cache(batch)
+        for caption, row in zip(batch, feats.token_feats):
+            first[caption] = row.clone()
+        assert cache.stats.memory_bytes <= bound_mb * 2**20
+    stats = cache.stats
+    assert stats.memory_rows == 40 and stats.memory_bytes == 40 * ROW_BYTES
+    assert stats.evictions == 560 and stats.peak_memory_bytes <= 50 * ROW_BYTES  # + one batch
+    assert encoder.calls == 600 and len(cache) == 600
+    # every evicted row comes back from disk, unchanged, without the encoder
+    again = cache(captions[:100])
+    assert encoder.calls == 600 and cache.stats.disk_hits == 100
+    assert torch.equal(again.token_feats, torch.stack([first[c] for c in captions[:100]]))
+    assert cache.stats.memory_bytes <= bound_mb * 2**20
+
+
+def test_memory_bound_is_on_by_default_and_set_from_gin(tmp_path):
+    import gin
+
+    from lgvq_plugins.text.cache import DEFAULT_MAX_MEMORY_MB
+
+    assert TextFeatureCache(CheapEncoder()).max_memory_bytes == int(DEFAULT_MAX_MEMORY_MB * 2**20)
+    assert TextFeatureCache(CheapEncoder(), max_memory_mb=None).max_memory_bytes is None
+    gin.clear_config()
+    try:
+        gin.parse_config("TextFeatureCache.max_memory_mb = 0.5")
+        assert TextFeatureCache(CheapEncoder()).max_memory_bytes == 2**19
+    finally:
+        gin.clear_config()
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        TextFeatureCache(CheapEncoder(), max_memory_mb=0)
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"bytes"])
+def test_non_string_caption_is_refused(bad):
+    cache = TextFeatureCache(CheapEncoder())
+    with pytest.raises(TypeError, match=f"position 1 is {type(bad).__name__}"):
+        cache(["fine", bad])
+    with pytest.raises(TypeError, match="caption number 0"):
+        cache.warm([bad])
 
 
 def test_cache_is_never_in_a_state_dict(encoder):

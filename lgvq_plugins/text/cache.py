@@ -12,13 +12,23 @@ length are never used. Shards are written atomically (temporary file + ``os.repl
 never modified afterwards, so several processes (DDP ranks) may share a folder: each writes
 its own shards, and each sees the others' shards the next time a cache is constructed.
 
+Memory is bounded (``max_memory_mb``, 1024 MiB by default, settable in gin as
+``TextFeatureCache.max_memory_mb``): rows live in an LRU over the on-disk shards. A row
+evicted from memory is read back from its shard when needed (one ``pread`` of that row, not
+a memory map, so reading a whole data set does not grow the process's resident memory);
+without ``cache_dir`` it is encoded again. Rows not yet written are never evicted before
+they are: the pending rows are flushed to a shard first. Beyond the bound the cache holds an
+index of ≈ 0.3 KB per caption on disk (≈ 90 MB for 300k captions).
+
 The cache is a plain object, not an ``nn.Module``: it is never part of a ``state_dict``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import uuid
 import warnings
 import weakref
@@ -27,14 +37,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+import gin
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lgvq_plugins.interfaces import TextEncoder, TextFeatures, TextTokens
 
 FORMAT = "lgvq-text-cache-1"
 _TENSORS = ("token_feats", "global_feat", "ids", "lengths", "special_mask")
+
+#: default bound of the in-memory rows, MiB (≈ 22k MiniLM captions of 30 tokens; ≈ 6.5k of
+#: CLIP's 77 tokens). Per process: every DDP rank holds its own cache.
+DEFAULT_MAX_MEMORY_MB = 1024.0
 
 
 class _Row(NamedTuple):
@@ -45,6 +59,10 @@ class _Row(NamedTuple):
     ids: torch.Tensor  # (L,) int64
     length: torch.Tensor  # () int64
     special_mask: torch.Tensor  # (L,) bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in self)
 
 
 @dataclass
@@ -58,11 +76,16 @@ class CacheStats:
     encoder_calls: int = 0  # batched calls of encoder.encode
     captions_encoded: int = 0  # captions passed to the encoder in total
     shards_written: int = 0
+    evictions: int = 0  # rows dropped from memory to stay under the bound
+    memory_rows: int = 0  # rows in memory now
+    memory_bytes: int = 0  # their size now
+    peak_memory_bytes: int = 0  # the most they ever took
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
+@gin.configurable(denylist=["encoder", "cache_dir"])
 class TextFeatureCache:
     """Frozen text features per caption, computed once.
 
@@ -73,9 +96,10 @@ class TextFeatureCache:
         flush_every: write pending rows to a new shard once this many have accumulated
             (they are also written by :meth:`save`, on ``with`` exit, and when the cache is
             garbage-collected or the interpreter exits).
-        max_memory_rows: keep at most this many rows in memory (least recently used are
-            dropped; with a disk cache they are read back from disk when needed, without it
-            they are encoded again). ``None``: no limit.
+        max_memory_mb: keep at most this many MiB of rows in memory (least recently used
+            are dropped; with a disk cache they are read back from disk when needed, without
+            it they are encoded again). ``None``: no limit (every caption stays in RAM).
+        max_memory_rows: also keep at most this many rows. ``None``: no row limit.
 
     Example::
 
@@ -90,21 +114,27 @@ class TextFeatureCache:
         cache_dir: str | os.PathLike[str] | None = None,
         *,
         flush_every: int = 4096,
+        max_memory_mb: float | None = DEFAULT_MAX_MEMORY_MB,
         max_memory_rows: int | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"TextFeatureCache: flush_every={flush_every} must be at least 1")
         if max_memory_rows is not None and max_memory_rows < 1:
             raise ValueError(f"TextFeatureCache: max_memory_rows={max_memory_rows} must be at least 1 or None")
+        if max_memory_mb is not None and not max_memory_mb > 0:
+            raise ValueError(f"TextFeatureCache: max_memory_mb={max_memory_mb} must be > 0 or None "
+                             "(TextFeatureCache.max_memory_mb in gin)")
         self.encoder = encoder
         self.identity = str(encoder.identity)
         self.max_length = int(encoder.max_length)
         self.flush_every = int(flush_every)
         self.max_memory_rows = max_memory_rows
+        self.max_memory_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
         self._stats = CacheStats()
         self._memory: OrderedDict[str, _Row] = OrderedDict()
+        self._memory_bytes = 0
         self._disk_index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
-        self._shards: list[Any] = []  # open safe_open handles (memory-mapped)
+        self._shards: list[_ShardReader] = []
         self.directory: Path | None = None
         if cache_dir is not None:
             namespace = hashlib.sha256(f"{self.identity}\n{self.max_length}".encode()).hexdigest()[:16]
@@ -135,6 +165,7 @@ class TextFeatureCache:
     @property
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
+        self._stats.memory_rows, self._stats.memory_bytes = len(self._memory), self._memory_bytes
         return CacheStats(**asdict(self._stats))
 
     # -- main API ---------------------------------------------------------------------
@@ -145,9 +176,13 @@ class TextFeatureCache:
         batched encoder call (each distinct caption once). Features are the encoder's
         unmasked output in fp32.
         """
-        captions = [str(c) for c in captions]
+        captions = list(captions)
         if not captions:
             raise ValueError("TextFeatureCache.cache: got an empty list of captions")
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):  # never encode str(None) or str(3) as a caption
+                raise TypeError(f"TextFeatureCache.cache: caption at position {i} is "
+                                f"{type(caption).__name__} {caption!r}, not a string")
         keys = [self.key(c) for c in captions]
         unique = dict(zip(keys, captions))  # first occurrence wins; order kept
         rows: dict[str, _Row] = {}
@@ -177,8 +212,10 @@ class TextFeatureCache:
         if batch_size < 1:
             raise ValueError(f"TextFeatureCache.warm: batch_size={batch_size} must be at least 1")
         todo: dict[str, str] = {}
-        for caption in captions:
-            caption = str(caption)
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"TextFeatureCache.warm: caption number {i} is "
+                                f"{type(caption).__name__} {caption!r}, not a string")
             key = self.key(caption)
             if not self._known(key):
                 todo.setdefault(key, caption)
@@ -201,9 +238,14 @@ class TextFeatureCache:
 
         Returns the shard's path, or None when there was nothing to write or no ``cache_dir``.
         """
+        keys = list(self._writer.pending)
         path = self._writer.flush()
         if path is not None:
-            self._open_shard(path)
+            # index the new shard from what was just written (no need to read its keys back)
+            shard = len(self._shards)
+            self._shards.append(_ShardReader(path))
+            for row, key in enumerate(keys):
+                self._disk_index.setdefault(key, (shard, row))
             self._stats.shards_written += 1
         return path
 
@@ -227,19 +269,19 @@ class TextFeatureCache:
         if row is not None:
             self._memory.move_to_end(key)
             return row
-        row = self._writer.pending.get(key)  # evicted from memory before it reached disk
-        if row is not None:
-            self._memory[key] = row
-            return row
         where = self._disk_index.get(key)
         if where is None:
             return None
         shard, index = where
-        handle = self._shards[shard]
-        row = _Row(*(handle.get_slice(name)[index:index + 1][0] for name in _TENSORS))
-        self._memory[key] = row
+        row = self._shards[shard].row(index)
+        self._remember(key, row)
         self._stats.disk_hits += 1
         return row
+
+    def _remember(self, key: str, row: _Row) -> None:
+        self._memory[key] = row
+        self._memory_bytes += row.nbytes
+        self._stats.peak_memory_bytes = max(self._stats.peak_memory_bytes, self._memory_bytes)
 
     def _encode(self, keys: list[str], captions: list[str]) -> dict[str, _Row]:
         tokens = self.encoder.tokenize(captions)
@@ -258,18 +300,28 @@ class TextFeatureCache:
             row = _Row(token_feats[i].clone(), global_feat[i].clone(), t.ids[i].long().clone(),
                        t.lengths[i].long().clone(), t.special_mask[i].bool().clone())
             new[key] = row
-            self._memory[key] = row
+            self._remember(key, row)
             self._writer.add(key, row)
         if len(self._writer) >= self.flush_every:
             self.save()
         return new
 
+    def _over_bound(self) -> bool:
+        if self.max_memory_rows is not None and len(self._memory) > self.max_memory_rows:
+            return True
+        return self.max_memory_bytes is not None and self._memory_bytes > self.max_memory_bytes
+
     def _trim_memory(self) -> None:
-        if self.max_memory_rows is None or len(self._memory) <= self.max_memory_rows:
-            return
-        # Rows waiting for the writer stay reachable there, so evicting them loses nothing.
-        while len(self._memory) > self.max_memory_rows:
-            self._memory.popitem(last=False)
+        """Drop least recently used rows until under the bound. A row still waiting for the
+        writer is written first (all pending rows, in one shard), so nothing is lost and the
+        pending rows never sit outside the bound."""
+        while len(self._memory) > 1 and self._over_bound():
+            key = next(iter(self._memory))
+            if key in self._writer.pending:
+                self.save()
+            row = self._memory.pop(key)
+            self._memory_bytes -= row.nbytes
+            self._stats.evictions += 1
 
     def _load_shards(self) -> None:
         assert self.directory is not None
@@ -280,16 +332,70 @@ class TextFeatureCache:
                 warnings.warn(f"TextFeatureCache: skipping unreadable shard {path} ({exc})", stacklevel=3)
 
     def _open_shard(self, path: Path) -> None:
-        handle = safe_open(str(path), framework="pt")
-        meta = handle.metadata() or {}
+        reader = _ShardReader(path)
+        meta = reader.metadata
         if (meta.get("format") != FORMAT or meta.get("identity") != self.identity
                 or meta.get("max_length") != str(self.max_length)):
             return  # another encoder's (or length's) features: never used
-        keys = handle.get_tensor("keys")
+        keys = reader.tensor("keys")
         shard = len(self._shards)
-        self._shards.append(handle)
+        self._shards.append(reader)
         for row, digest in enumerate(keys.numpy()):
             self._disk_index.setdefault(digest.tobytes().hex(), (shard, row))
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _ShardReader:
+    """Reads single rows of a safetensors shard with ``os.pread``.
+
+    Not a memory map on purpose: the pages of a mapped file touched by reads count in the
+    process's resident memory, so a pass over a large data set would grow it by the whole
+    cache; ``pread`` goes through the page cache, which the kernel reclaims as needed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + size
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            self.entries[name] = (_DTYPES[entry["dtype"]], list(entry["shape"]), begin, end)
+        self._file = open(path, "rb")  # noqa: SIM115 - kept open for the reader's lifetime
+
+    def _read(self, offset: int, length: int) -> bytearray:
+        data = bytearray(length)
+        view, done = memoryview(data), 0
+        while done < length:  # pread may return less than asked
+            chunk = os.pread(self._file.fileno(), length - done, self.data_start + offset + done)
+            if not chunk:
+                raise OSError(f"{self.path}: unexpected end of file")
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        return data
+
+    def tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        return _from_bytes(self._read(begin, end - begin), dtype, shape)
+
+    def row(self, index: int) -> _Row:
+        parts = []
+        for name in _TENSORS:
+            dtype, shape, begin, end = self.entries[name]
+            per_row = (end - begin) // shape[0]
+            parts.append(_from_bytes(self._read(begin + index * per_row, per_row), dtype, shape[1:]))
+        return _Row(*parts)
+
+
+def _from_bytes(data: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _module_device(encoder: Any) -> torch.device | None:
