@@ -23,6 +23,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,18 @@ def _usage_from_tasks(metrics: Mapping[str, Any]) -> list[float] | None:
     return None
 
 
+def _guarded(sid: str, build: Any) -> str:
+    """``build()``, or a note saying why the section could not be drawn: a figure that fails
+    (an unusual tokenizer, a log without the plotted keys) must not lose a finished run's
+    report — the failure is shown in the page and warned about."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - reported in the page and as a warning
+        warnings.warn(f"report.html: section {sid!r} could not be drawn: {type(exc).__name__}: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        return missing(f"could not be drawn: {type(exc).__name__}: {exc}")
+
+
 def _latest_sample(run_dir: Path) -> Path | None:
     samples = sorted((run_dir / "samples").glob("step_*.png"))
     return samples[-1] if samples else None
@@ -309,40 +322,53 @@ def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, dat
     bodies["summary"] = table(["", ""], rows) if rows else missing("no metrics.json")
     bodies["metrics"] = metrics_table(metrics, twin_metrics, twin_label=f"twin: {twin_dir.name}" if twin_dir else "")
 
-    if have_model:
-        bodies["reconstructions"] = (f"<figure>{img_tag(reconstruction_png(model, data, num_images), 'reconstructions')}"
-                                     "<figcaption>top: originals, bottom: reconstructions (first images of the "
-                                     "evaluation split)</figcaption></figure>")
-    elif (sample := _latest_sample(run_dir)) is not None:
-        bodies["reconstructions"] = (f"<figure>{img_tag(sample.read_bytes(), 'reconstructions')}"
-                                     f"<figcaption>{_e(sample.name)}: top originals, bottom reconstructions"
-                                     "</figcaption></figure>")
-    else:
-        bodies["reconstructions"] = missing("no model given and no samples/ grid in the run folder")
+    sample = _latest_sample(run_dir)
 
-    counts = _usage_from_tasks(metrics)
-    source = "the evaluation task's histogram"
-    if counts is None and have_model:
-        counts, source = usage_counts(model, data), f"first {min(256, len(data))} images of the evaluation split"
-    bodies["usage"] = (f"<figure>{img_tag(plots.usage_histogram(counts), 'codebook usage histogram')}"
-                       f"<figcaption>{_e(source)}</figcaption></figure>" if counts
-                       else missing("no usage histogram: run the reconstruction task or give the model"))
+    def reconstructions() -> str:
+        if have_model:
+            return (f"<figure>{img_tag(reconstruction_png(model, data, num_images), 'reconstructions')}"
+                    "<figcaption>top: originals, bottom: reconstructions (first images of the "
+                    "evaluation split)</figcaption></figure>")
+        if sample is not None:
+            return (f"<figure>{img_tag(sample.read_bytes(), 'reconstructions')}"
+                    f"<figcaption>{_e(sample.name)}: top originals, bottom reconstructions</figcaption></figure>")
+        return missing("no model given and no samples/ grid in the run folder")
 
-    log = run_dir / "logs" / "metrics.jsonl"
+    def usage() -> str:
+        counts, source = _usage_from_tasks(metrics), "the evaluation task's histogram"
+        if counts is None and have_model:
+            counts, source = usage_counts(model, data), f"first {min(256, len(data))} images of the evaluation split"
+        if not counts:
+            return missing("no usage histogram: run the reconstruction task or give the model")
+        return (f"<figure>{img_tag(plots.usage_histogram(counts), 'codebook usage histogram')}"
+                f"<figcaption>{_e(source)}</figcaption></figure>")
+
+    def losses() -> str:
+        log = run_dir / "logs" / "metrics.jsonl"
+        if not log.is_file():
+            return missing(f"no training log ({log})")
+        return img_tag(plots.loss_curves(read_jsonl(log)), "loss curves")
+
+    def heatmaps() -> str:
+        if not (have_model and is_guided(model)):
+            return missing("not a guided model (or no model given): no word→code similarities")
+        figures = "\n".join(f"<figure>{img_tag(png, 'word-code similarity: ' + cap)}"
+                            f"<figcaption>{_e(cap)}</figcaption></figure>"
+                            for cap, png in heatmap_pngs(model, data, num_captions))
+        return figures + ("<p>Cosine similarity between each word's frozen text feature and the visual "
+                          "token of every code position (one colour scale per caption).</p>")
+
+    # eval mode: a quantizer in training mode would update its statistics (CVQ re-anchors codes)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
     try:
-        bodies["losses"] = img_tag(plots.loss_curves(read_jsonl(log)), "loss curves") if log.is_file() \
-            else missing(f"no training log ({log})")
-    except ValueError as exc:
-        bodies["losses"] = missing(str(exc))
-
-    if have_model and is_guided(model):
-        bodies["heatmaps"] = "\n".join(
-            f"<figure>{img_tag(png, 'word-code similarity: ' + cap)}<figcaption>{_e(cap)}</figcaption></figure>"
-            for cap, png in heatmap_pngs(model, data, num_captions)) + \
-            "<p>Cosine similarity between each word's frozen text feature and the visual token of " \
-            "every code position (one colour scale per caption).</p>"
-    else:
-        bodies["heatmaps"] = missing("not a guided model (or no model given): no word→code similarities")
+        for sid, build in (("reconstructions", reconstructions), ("usage", usage), ("losses", losses),
+                           ("heatmaps", heatmaps)):
+            bodies[sid] = _guarded(sid, build)
+    finally:
+        if model is not None:
+            model.train(was_training)
 
     out = Path(out) if out is not None else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,17 @@ RUN_ONLY_SETTINGS: tuple[str, ...] = (
     "Trainer.max_steps", "Trainer.log_every", "Trainer.val_every", "Trainer.val_batches",
     "Trainer.ckpt_every", "Trainer.keep_last", "Trainer.progress", "Trainer.tensorboard",
     "Trainer.num_workers", "Trainer.num_samples", "Trainer.device", "Trainer.dump_codebooks",
-    "LanguageGuided.cache_dir",
+    "LanguageGuided.cache_dir", "Experiment.tasks", "Experiment.task_split", "Experiment.report",
+)
+
+#: settings that do not change a run's numbers: two runs whose parsed gin configs differ only
+#: in these are the same experiment (``lgvq compare`` reuses a finished run on that basis;
+#: unlike RUN_ONLY_SETTINGS the training length counts).
+RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
+    "Experiment.name", "Experiment.root", "Experiment.overwrite", "Experiment.tasks",
+    "Experiment.task_split", "Experiment.report", "Trainer.log_every", "Trainer.ckpt_every",
+    "Trainer.keep_last", "Trainer.progress", "Trainer.tensorboard", "Trainer.num_workers",
+    "Trainer.device", "LanguageGuided.cache_dir",
 )
 
 
@@ -161,13 +171,17 @@ class Experiment:
         overwrite: start afresh in a run directory that already has checkpoints (deleting
             them); without it, that is an error.
         run_only: settings that may change between a run and its resumption.
+        tasks: registered evaluation tasks run after training on ``task_split`` (default: the
+            validation split); their numbers go into ``metrics.json`` under ``"tasks"``.
+        report: write ``report.html`` into the run directory at the end.
     """
 
     def __init__(self, name: str = "default", root: str = "runs", backbone: str = gin.REQUIRED,
                  dataset: str = "shapes", train_split: str = "train", val_split: str = "val",
                  guidance: Callable[..., nn.Module] | None = None, seed: int = 0,
                  eval_batches: int | None = None, resume: bool = False, overwrite: bool = False,
-                 run_only: Sequence[str] = RUN_ONLY_SETTINGS):
+                 run_only: Sequence[str] = RUN_ONLY_SETTINGS, tasks: Sequence[str] = (),
+                 task_split: str | None = None, report: bool = True):
         # Every registry name is checked before anything is written or trained.
         api.registry("backbone").entry(backbone)
         api.registry("dataset").entry(dataset)
@@ -180,6 +194,7 @@ class Experiment:
         self.eval_batches = eval_batches
         self.resume = resume
         self.run_only = tuple(run_only)
+        self.tasks, self.task_split, self.report = list(tasks), task_split or val_split, bool(report)
         self.distributed = setup_distributed()
         self.is_main_process = D.is_main_process()
         self.model: nn.Module | None = None
@@ -287,15 +302,29 @@ class Experiment:
             "guidance": bool(getattr(self.model, "enabled", False)),
             "world_size": D.world_size(), "global_batch_size": trainer.global_batch_size,
             **{f"val_{k}": v for k, v in evaluation.items()}, **summary, **codebooks,
-            "wall_time_s": time.time() - self._start,
+            "val_protocol": {"split": self.val_split, "batches": self.eval_batches,
+                             "batch_size_per_rank": trainer.batch_size},
+            "config_hash": trainer.config_hash,
+            "gin_config_hash": config_identity(gin.config_str(), RESULT_NEUTRAL_SETTINGS)[0],
         }
+        task_data = api.create_dataset(self.dataset, split=self.task_split) if self.tasks or self.report else None
+        if self.tasks:  # every rank runs the tasks (each takes its rank::world shard)
+            from lgvq_plugins.evaluation.task import run_tasks
+
+            results = run_tasks(self.model, task_data, self.tasks, self.run_dir / "eval")
+            metrics["tasks"] = {name: r.to_json() for name, r in results.items()}
+        metrics["wall_time_s"] = time.time() - self._start
         if self.is_main_process:
             from lgvq_plugins.pretrained import save_pretrained
 
             save_pretrained(self.model, self.run_dir / "pretrained")
             write_json_atomic(self.run_dir / "metrics.json", metrics)
+            if self.report:
+                from lgvq_plugins.evaluation.report import write_run_report
+
+                write_run_report(self.run_dir, model=self.model, data=task_data, metrics=metrics)
         self._barrier()
         return metrics
 
 
-__all__ = ["Experiment", "RUN_ONLY_SETTINGS", "config_identity", "RunDirectoryError"]
+__all__ = ["Experiment", "RUN_ONLY_SETTINGS", "RESULT_NEUTRAL_SETTINGS", "config_identity", "RunDirectoryError"]
