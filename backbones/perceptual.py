@@ -1,4 +1,4 @@
-"""Perceptual losses for tokenizers, registered as metrics: ``lpips`` and ``none``.
+"""Perceptual losses for tokenizers (kind ``perceptual_loss``): ``lpips`` and ``none``.
 
 A perceptual loss is a module ``(x, y) -> (B,)`` distances for images in [-1, 1]; it is
 frozen (no trainable parameters) and differentiable with respect to its inputs.
@@ -99,6 +99,17 @@ def _load_backbone(lpips_net: nn.Module, path: str | os.PathLike[str], net: str)
     lpips_net.load_state_dict({dst: features[src] for dst, src in wanted.items()})
 
 
+def _load_linear_heads(lpips: nn.Module, path: str | None, net: str) -> None:
+    """LPIPS's linear heads from ``path`` (default: the file shipped with torchmetrics)."""
+    if path is None:
+        import torchmetrics.functional.image.lpips as tm_lpips
+
+        path = str(Path(tm_lpips.__file__).parent / "lpips_models" / f"{net}.pth")
+    if not Path(path).is_file():
+        raise PerceptualWeightsError(f"lpips.linear_weights={str(path)!r} is not a file")
+    lpips.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+
+
 class LPIPS(nn.Module):
     """Learned perceptual image patch similarity (Zhang et al. 2018) as a frozen loss.
 
@@ -114,6 +125,8 @@ class LPIPS(nn.Module):
     """
 
     active = True
+    #: arguments that are files of this machine (save_pretrained leaves them out)
+    lgvq_local_settings = ("backbone_weights", "linear_weights")
 
     def __init__(self, net: str = "vgg", backbone_weights: str | None = None,
                  linear_weights: str | None = None):
@@ -123,16 +136,17 @@ class LPIPS(nn.Module):
         from torchmetrics.functional.image.lpips import _NoTrainLpips
 
         self.net_name = net
-        if backbone_weights is not None:
-            self.lpips = _NoTrainLpips(net=net, pretrained=True, pnet_rand=True, model_path=linear_weights)
-            _load_backbone(self.lpips.net, backbone_weights, net)
-        else:
-            try:
-                self.lpips = _NoTrainLpips(net=net, pretrained=True, pnet_rand=False, model_path=linear_weights)
-            except Exception as exc:  # urllib / hub / file errors all mean "no weights"
+        # Built empty, then every file is read here with torch.load(weights_only=True):
+        # torchmetrics and torchvision's hub loader would unpickle them in full.
+        self.lpips = _NoTrainLpips(net=net, pretrained=False, pnet_rand=True)
+        _load_linear_heads(self.lpips, linear_weights, net)
+        if backbone_weights is None:
+            _, cached = _hub_checkpoint(net)
+            if not cached.is_file():
                 raise PerceptualWeightsError(
-                    f"could not load the LPIPS backbone ({type(exc).__name__}: {exc}).\n" + _weights_help(net)
-                ) from exc
+                    f"the LPIPS backbone is not in the torch hub cache ({cached}).\n" + _weights_help(net))
+            backbone_weights = str(cached)
+        _load_backbone(self.lpips.net, backbone_weights, net)
         for p in self.parameters():  # frozen: a loss, never trained
             p.requires_grad_(False)
         self.eval()
@@ -146,7 +160,7 @@ class LPIPS(nn.Module):
 
 
 @hookimpl
-def register_metrics(register: Any) -> None:
+def register_perceptual_losses(register: Any) -> None:
     register("lpips", LPIPS)
     register("none", NoPerceptual)
 

@@ -64,9 +64,9 @@ class VQGAN(VQTokenizer):
         resolution: image side the attention placement refers to.
         dropout: dropout inside the residual blocks.
         pixel_weight: weight of the L1 term.
-        perceptual: registered perceptual metric, ``"none"`` (quick start) or ``"lpips"``.
+        perceptual: registered perceptual loss, ``"none"`` (quick start) or ``"lpips"``.
         perceptual_weight: its weight (taming / LG-VQ: 1.0).
-        perceptual_config: settings for the perceptual metric (e.g. ``{"backbone_weights": path}``).
+        perceptual_config: settings for the perceptual loss (e.g. ``{"backbone_weights": path}``).
         codebook_weight: weight of the quantizer's loss.
         disc_start: first step with the GAN terms (generator and discriminator).
         disc_weight: multiplies the adaptive weight λ.
@@ -98,7 +98,10 @@ class VQGAN(VQTokenizer):
         self.disc_weight = float(disc_weight)
         self.disc_factor = float(disc_factor)
         self._d_loss = D_LOSSES[disc_loss]
-        self.perceptual_loss = api.create_metric(perceptual, **dict(perceptual_config or {}))
+        self.perceptual_loss = api.create_perceptual_loss(perceptual, **dict(perceptual_config or {}))
+        # weight files of the perceptual network are paths of this machine: never saved
+        self.lgvq_local_settings = tuple(f"perceptual_config.{key}" for key in
+                                         getattr(self.perceptual_loss, "lgvq_local_settings", ()))
         self.discriminator = NLayerDiscriminator(3, ndf=disc_ndf, n_layers=disc_n_layers, norm=disc_norm)
         # The perceptual network is a frozen loss, not part of the tokenizer: keep it out of
         # checkpoints (LPIPS-VGG alone is ~58 MB) and don't expect it when loading them.

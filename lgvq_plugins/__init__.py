@@ -21,11 +21,12 @@ from lgvq_plugins import _source_layout
 _source_layout.install()
 
 from lgvq_plugins.api import (  # noqa: E402
-    create, create_alignment_loss, create_backbone, create_dataset, create_metric, create_quantizer,
-    create_task, create_text_encoder, list_alignment_losses, list_backbones, list_components,
-    list_datasets, list_metrics, list_quantizers, list_tasks, list_text_encoders, register,
-    register_alignment_loss, register_backbone, register_dataset, register_metric, register_quantizer,
-    register_task, register_text_encoder, registry,
+    create, create_alignment_loss, create_backbone, create_dataset, create_metric,
+    create_perceptual_loss, create_quantizer, create_task, create_text_encoder,
+    list_alignment_losses, list_backbones, list_components, list_datasets, list_metrics,
+    list_perceptual_losses, list_quantizers, list_tasks, list_text_encoders, register,
+    register_alignment_loss, register_backbone, register_dataset, register_metric,
+    register_perceptual_loss, register_quantizer, register_task, register_text_encoder, registry,
 )
 from lgvq_plugins.hookspecs import hookimpl  # noqa: E402
 from lgvq_plugins.plugins import get_host, plugin_infos, reset_plugins  # noqa: E402
@@ -66,6 +67,7 @@ __all__ = [
     "register_backbone", "create_backbone", "list_backbones",
     "register_text_encoder", "create_text_encoder", "list_text_encoders",
     "register_alignment_loss", "create_alignment_loss", "list_alignment_losses",
+    "register_perceptual_loss", "create_perceptual_loss", "list_perceptual_losses",
     "register_dataset", "create_dataset", "list_datasets",
     "register_task", "create_task", "list_tasks",
     "register_metric", "create_metric", "list_metrics",

@@ -7,8 +7,15 @@ host. Call it once per component you provide::
 
 ``factory`` is a class or function; it becomes gin-configurable under ``name`` and is
 returned by ``lgvq_plugins.create_<kind>(name, **kwargs)``. The host decides what happens on
-duplicate names (an error naming both registrants unless ``exist_ok=True``), so a plugin
-never needs to know who else is loaded. Hooks return nothing.
+duplicate names (an error naming both registrants unless ``exist_ok=True``, which lets a
+plugin replace a built-in), so a plugin never needs to know who else is loaded. Hooks
+return nothing.
+
+The host calls each hook through pluggy, one plugin at a time, in pluggy's order:
+``@hookimpl(tryfirst=True)`` first, ``trylast=True`` last, otherwise the most recently
+registered plugin first; ``@hookimpl(specname="register_quantizers")`` lets a function of
+another name implement a hook. Among plugins that all pass ``exist_ok=True`` for one name
+the one called last wins; see docs/plugins.md for the full precedence rules.
 """
 
 from __future__ import annotations
@@ -59,6 +66,15 @@ def register_alignment_losses(register):
     """
 
 
+@hookspec
+def register_perceptual_losses(register):
+    """Register perceptual losses for tokenizers (a frozen module ``(x, y) -> (B,)``
+    distances for images in [-1, 1], differentiable in its inputs; an ``active`` attribute
+    says whether it computes anything). Tokenizers pick one by name, e.g.
+    ``vqgan.perceptual = 'lpips'``. The built-ins are ``lpips`` and ``none``.
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Data, evaluation and downstream tasks
 # --------------------------------------------------------------------------------------
@@ -77,4 +93,6 @@ def register_tasks(register):
 
 @hookspec
 def register_metrics(register):
-    """Register metrics (callables or torchmetrics ``Metric`` classes)."""
+    """Register evaluation metrics (callables or torchmetrics ``Metric`` classes), e.g. the
+    built-in ``psnr`` and ``codebook_usage``. Training losses go elsewhere (perceptual
+    losses: :func:`register_perceptual_losses`)."""

@@ -534,6 +534,7 @@ def test_lpips_from_prepopulated_hub_cache(monkeypatch, tmp_path) -> None:
 
 
 def test_none_perceptual_is_registered() -> None:
-    none = lgvq_plugins.create_metric("none")
+    none = lgvq_plugins.create_perceptual_loss("none")
     assert torch.equal(none(images(3), images(3, seed=5)), torch.zeros(3))
-    assert {"lpips", "none"} <= set(lgvq_plugins.list_metrics())
+    assert {"lpips", "none"} <= set(lgvq_plugins.list_perceptual_losses())
+    assert not {"lpips", "none"} & set(lgvq_plugins.list_metrics())  # losses are not metrics
