@@ -107,15 +107,24 @@ class FakeTokenizer(nn.Module):
 
 class FakeGuided(nn.Module):
     """LanguageGuided stand-in: one alignment loss pulling the mean code towards a learned
-    embedding of the caption length (so the loss depends on the text and on z_q)."""
+    embedding of the caption length (so the loss depends on the text and on z_q).
 
-    def __init__(self, tokenizer: nn.Module, enabled: bool = True, weight: float = 0.1):
+    ``dropout`` (drawn from the global torch RNG) and ``noise`` (drawn from a private
+    ``torch.Generator`` that is not in the ``state_dict``, like a quantizer's anchor stream)
+    make training random, so an exact resume needs both kinds of RNG state restored.
+    """
+
+    def __init__(self, tokenizer: nn.Module, enabled: bool = True, weight: float = 0.1,
+                 dropout: float = 0.0, noise: float = 0.0):
         super().__init__()
         self.tokenizer = tokenizer
         self.enabled = enabled
         self.weight = weight
         self.head = nn.Linear(tokenizer.embed_dim, 4)
-        self.config = {"enabled": enabled, "weight": weight}
+        self.dropout = nn.Dropout(dropout)
+        self.noise = noise
+        self.noise_generator = torch.Generator().manual_seed(99)
+        self.config = {"enabled": enabled, "weight": weight, "dropout": dropout, "noise": noise}
 
     def guidance_parameters(self):
         return list(self.head.parameters())
@@ -125,7 +134,10 @@ class FakeGuided(nn.Module):
         out = GuidedOutput(reconstruction=rec, quantized=q)
         if self.enabled:
             target = torch.tensor([len(c) % 4 for c in captions], device=images.device)
-            raw = F.cross_entropy(self.head(q.z_q.float().mean(dim=(2, 3))), target)
+            feats = self.dropout(q.z_q.float().mean(dim=(2, 3)))
+            if self.noise and self.training:
+                feats = feats + self.noise * torch.randn(feats.shape, generator=self.noise_generator).to(feats.device)
+            raw = F.cross_entropy(self.head(feats), target)
             out.raw_losses = {"align": raw}
             out.losses = {"align": self.weight * raw}
         return out

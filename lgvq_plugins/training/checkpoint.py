@@ -1,4 +1,4 @@
-"""Training checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+"""Training checkpoints: safetensors for tensors, JSON for everything else, crash-safe.
 
 A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` holding
 
@@ -6,96 +6,61 @@ A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` holding
 * ``discriminator.safetensors`` — the discriminator's parameters (absent when there is none),
 * ``optimizer.safetensors`` — every tensor of every optimizer's state, flattened by name,
 * ``state.json`` — step, epoch, position in the epoch, scheduler states, optimizer
-  hyper-parameters, RNG states of python / numpy / torch (as plain lists) and the config hash.
+  hyper-parameters, RNG states (python / numpy / torch / module generators, per rank), the
+  config hash, and ``files``: the size of every file of the checkpoint.
 
 Nothing is ever unpickled when loading: only safetensors and JSON are read.
 
-Writes go to a hidden temporary folder next to the final one; every file and the folder are
-fsync'ed before ``os.replace`` moves the folder into place, and the ``latest`` pointer is
-replaced last. A process killed at any moment therefore leaves ``latest`` naming a complete
-checkpoint (the half-written temporary folder is swept away by the next save).
+Save protocol (docs/checkpoints.md explains why a kill after any step is safe):
+
+1. sweep leftover ``.tmp-*`` entries of interrupted saves;
+2. write every file into a fresh ``.tmp-step_N.<id>/`` folder, fsync'ed, ``state.json`` last;
+3. put the folder in place: a rename when ``step_N`` is new; when the same step is saved
+   again, an atomic exchange of the two folders (the old one then carries the temporary
+   name and is deleted) — the new folder is in place before the old one is removed;
+4. point ``latest`` at it (atomic replace of a one-line file);
+5. prune: each old checkpoint is renamed to a temporary name, then deleted.
+
+A folder named ``step_*`` is therefore always complete; :func:`latest_checkpoint` still
+checks, and falls back to the newest complete checkpoint (with a warning) when ``latest``
+is missing or names something that is not one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
+import re
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from lgvq_plugins.training import atomic_io
+from lgvq_plugins.training.atomic_io import (TMP_PREFIX, load_tensors, save_tensors, write_json_atomic,
+                                             write_text_atomic)
+from lgvq_plugins.training.rng_state import (get_rng_state, module_generator_states,  # noqa: F401 (re-exported)
+                                             restore_module_generators, set_rng_state)
 
 LATEST = "latest"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 DISC_FILE = "discriminator.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
-_TMP_PREFIX = ".tmp-"
-FORMAT_VERSION = 1
+_TMP_PREFIX = TMP_PREFIX
+FORMAT_VERSION = 2
+#: ``step_XXXXXXXX`` or, after a same-step save on a platform without atomic exchange,
+#: ``step_XXXXXXXX.<id>``
+_NAME = re.compile(r"^step_(\d+)(?:\.[0-9a-f]+)?$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the model it is loaded into."""
-
-
-# ---------------------------------------------------------------------------------------
-# Low-level atomic file helpers
-# ---------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file or folder entry to disk (folders matter: a rename lives in its parent)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some filesystems refuse to open folders; nothing more we can do
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a fsync'ed temporary file and ``os.replace``."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
-    path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
-    """Save a flat name → tensor mapping as safetensors and fsync it.
-
-    Tensors are moved to CPU and made independent (safetensors refuses tensors that share
-    storage, e.g. tied weights; loading copies them back into every tied parameter).
-    """
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(flat, str(path))
-    _fsync_path(Path(path))
-
-
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a safetensors file (CPU tensors)."""
-    return load_file(str(path), device="cpu")
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,106 +131,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------
-# RNG states as JSON
-# ---------------------------------------------------------------------------------------
-
-
-def _encode_key(key: Any) -> Any:
-    """A dict key of a generator table as JSON (tuples, strings, ints, torch devices)."""
-    if isinstance(key, torch.device):
-        return {"device": str(key)}
-    if isinstance(key, tuple):
-        return {"tuple": [_encode_key(k) for k in key]}
-    if isinstance(key, (str, int, float, bool)) or key is None:
-        return key
-    raise TypeError(f"unsupported generator key {key!r}")
-
-
-def _decode_key(key: Any) -> Any:
-    if isinstance(key, dict) and "device" in key:
-        return torch.device(key["device"])
-    if isinstance(key, dict) and "tuple" in key:
-        return tuple(_decode_key(k) for k in key["tuple"])
-    return key
-
-
-def module_generator_states(model: torch.nn.Module) -> dict[str, Any]:
-    """States of private ``torch.Generator`` objects held by ``model``'s modules — directly
-    as attributes or in a dict attribute (e.g. a quantizer's per-device anchor streams).
-    They are not in ``state_dict()``, yet an exact resume needs them."""
-    out: dict[str, Any] = {}
-    for path, module in model.named_modules():
-        for attr, value in vars(module).items():
-            if isinstance(value, torch.Generator):
-                out[f"{path}:{attr}"] = {"device": str(value.device), "state": value.get_state().tolist()}
-            elif isinstance(value, dict) and value and all(isinstance(v, torch.Generator) for v in value.values()):
-                try:
-                    entries = [{"key": _encode_key(k), "device": str(g.device), "state": g.get_state().tolist()}
-                               for k, g in value.items()]
-                except TypeError:
-                    continue
-                out[f"{path}:{attr}"] = {"table": entries}
-    return out
-
-
-def restore_module_generators(model: torch.nn.Module, states: Mapping[str, Any]) -> None:
-    """Inverse of :func:`module_generator_states` (tables are refilled, generators created)."""
-    modules = dict(model.named_modules())
-    for name, saved in states.items():
-        path, attr = name.rsplit(":", 1)
-        module = modules.get(path)
-        if module is None:
-            continue
-        if "table" in saved:
-            table = getattr(module, attr, None)
-            if not isinstance(table, dict):
-                continue
-            for entry in saved["table"]:
-                gen = torch.Generator(device=entry["device"])
-                gen.set_state(torch.tensor(entry["state"], dtype=torch.uint8))
-                table[_decode_key(entry["key"])] = gen
-        else:
-            gen = getattr(module, attr, None)
-            if isinstance(gen, torch.Generator):
-                gen.set_state(torch.tensor(saved["state"], dtype=torch.uint8))
-
-
-def get_rng_state(model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Python, numpy and torch (CPU and every CUDA device) RNG states as JSON lists, plus the
-    private generators of ``model``'s modules when given."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    if model is not None:
-        state["modules"] = module_generator_states(model)
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any], model: torch.nn.Module | None = None) -> None:
-    """Inverse of :func:`get_rng_state`."""
-    if model is not None and state.get("modules"):
-        restore_module_generators(model, state["modules"])
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoint folders
-# ---------------------------------------------------------------------------------------
-
-
 @dataclass
 class Checkpoint:
     """What one checkpoint holds, in memory.
@@ -290,62 +155,137 @@ class Checkpoint:
         return int(self.state.get("step", 0))
 
 
+# ---------------------------------------------------------------------------------------
+# Checkpoint folders
+# ---------------------------------------------------------------------------------------
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
 def save_checkpoint(directory: str | os.PathLike[str], ckpt: Checkpoint, *, keep_last: int | None = 3) -> Path:
-    """Write ``ckpt`` as ``directory/step_XXXXXXXX`` atomically, point ``latest`` at it, then
-    prune all but the newest ``keep_last`` checkpoints (``None`` keeps everything).
+    """Write ``ckpt`` as ``directory/step_XXXXXXXX``, point ``latest`` at it, then prune all
+    but the newest ``keep_last`` checkpoints (``None`` keeps everything).
 
-    Returns the checkpoint folder.
+    A process killed at any moment leaves ``latest`` naming a complete checkpoint, or (in
+    the instant between placing a new folder and moving the pointer) leaves a complete
+    newer one that :func:`latest_checkpoint` finds. Saving a step that exists already
+    replaces it without a moment where neither copy is in place. Returns the folder.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _sweep_temporaries(directory)
+    sweep_temporaries(directory)
     name = checkpoint_name(ckpt.step)
-    final = directory / name
-    tmp = directory / f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = directory / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
+    atomic_io.make_dir(tmp)
     try:
-        save_tensors(ckpt.model, tmp / MODEL_FILE)
-        if ckpt.discriminator:
-            save_tensors(ckpt.discriminator, tmp / DISC_FILE)
-        optim_tensors: dict[str, Tensor] = {}
-        optim_meta: dict[str, Any] = {}
-        for opt_name, opt_state in ckpt.optimizers.items():
-            tensors, meta = flatten_optimizer_state(opt_state, opt_name)
-            optim_tensors.update(tensors)
-            optim_meta[opt_name] = meta
-        save_tensors(optim_tensors, tmp / OPTIM_FILE)
-        state = {**ckpt.state, "optimizers": optim_meta, "format_version": FORMAT_VERSION,
-                 "files": sorted(p.name for p in tmp.iterdir()) + [STATE_FILE]}
-        write_json_atomic(tmp / STATE_FILE, to_jsonable(state))
-        _fsync_path(tmp)
-        if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
-            trash = directory / f"{_TMP_PREFIX}old-{name}.{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_path(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_files(tmp, ckpt)
+    except BaseException:  # an exception (not a kill): tidy up now rather than at the next save
+        atomic_io.remove_tree(tmp)
         raise
+    final = _put_in_place(tmp, directory / name)
     # The pointer moves only once the folder is complete and in place.
-    write_text_atomic(directory / LATEST, name + "\n")
+    write_text_atomic(directory / LATEST, final.name + "\n")
     if keep_last is not None:
         prune_checkpoints(directory, keep_last)
     return final
 
 
+def _write_files(folder: Path, ckpt: Checkpoint) -> None:
+    """Every file of a checkpoint into ``folder``; ``state.json`` (which lists the others
+    with their sizes) last."""
+    save_tensors(ckpt.model, folder / MODEL_FILE)
+    if ckpt.discriminator:
+        save_tensors(ckpt.discriminator, folder / DISC_FILE)
+    optim_tensors: dict[str, Tensor] = {}
+    optim_meta: dict[str, Any] = {}
+    for opt_name, opt_state in ckpt.optimizers.items():
+        tensors, meta = flatten_optimizer_state(opt_state, opt_name)
+        optim_tensors.update(tensors)
+        optim_meta[opt_name] = meta
+    save_tensors(optim_tensors, folder / OPTIM_FILE)
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    state = {**ckpt.state, "optimizers": optim_meta, "format_version": FORMAT_VERSION, "files": sizes}
+    write_json_atomic(folder / STATE_FILE, to_jsonable(state))
+
+
+def _put_in_place(tmp: Path, final: Path) -> Path:
+    """Move the complete folder ``tmp`` to ``final``; returns where it ended up."""
+    if not final.exists():
+        atomic_io.rename(tmp, final)
+        return final
+    # The same step again (e.g. the final save of a resumed, finished run). Swap the two
+    # folders in one atomic step, then delete the old copy, which now has the temporary name.
+    if atomic_io.exchange(tmp, final):
+        atomic_io.remove_tree(tmp)
+        return final
+    # No atomic exchange here: keep the new copy under a second name for the same step, let
+    # the caller point `latest` at it, and retire the old copy (renamed aside, then deleted).
+    alt = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}")
+    atomic_io.rename(tmp, alt)
+    write_text_atomic(final.parent / LATEST, alt.name + "\n")
+    _retire(final)
+    return alt
+
+
+def _retire(path: Path) -> None:
+    """Delete a checkpoint folder without ever exposing a half-deleted one: rename it to a
+    temporary name first (atomic), then delete (a kill mid-way leaves a temporary, swept later)."""
+    aside = path.with_name(f"{TMP_PREFIX}old-{path.name}.{uuid.uuid4().hex[:8]}")
+    atomic_io.rename(path, aside)
+    atomic_io.remove_tree(aside)
+
+
+def _step_of(path: Path) -> int:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def check_complete(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``state.json`` of the checkpoint folder ``path``, after checking that every
+    file it lists is there with the size it had when saved; raises :class:`CheckpointError`
+    naming what is missing or truncated."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint (no {STATE_FILE})")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {state_file}: {exc}") from exc
+    files = state.get("files")
+    if not isinstance(files, (dict, list)) or MODEL_FILE not in files:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {STATE_FILE} lists no files")
+    expected = files if isinstance(files, dict) else {f: None for f in files}  # format 1: names only
+    for fname, size in expected.items():
+        if fname == STATE_FILE:
+            continue
+        target = path / fname
+        if not target.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {fname} is missing")
+        if size is not None and target.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path} is damaged: {fname} has {target.stat().st_size} "
+                                  f"bytes, {size} were saved")
+    return state
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`check_complete` accepts ``path``."""
+    try:
+        check_complete(path)
+    except CheckpointError:
+        return False
+    return True
+
+
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+    """Complete checkpoint folders, oldest first (by step)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir()
-             if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: (_step_of(p), p.stat().st_mtime_ns, p.name))
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep_last: int) -> list[Path]:
@@ -353,44 +293,62 @@ def prune_checkpoints(directory: str | os.PathLike[str], keep_last: int) -> list
     keep_last = max(int(keep_last), 1)
     directory = Path(directory)
     latest = latest_checkpoint(directory)
-    old = list_checkpoints(directory)[:-keep_last]
     removed = []
-    for path in old:
-        if latest is not None and path.resolve() == latest.resolve():
+    for path in list_checkpoints(directory)[:-keep_last]:
+        if latest is not None and path.name == latest.name:
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        _retire(path)
         removed.append(path)
     return removed
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The folder ``latest`` points to, or None when there is no checkpoint yet."""
+    """The complete checkpoint ``latest`` names in ``directory``; None when there is none.
+
+    When ``latest`` is missing or names something that is not a complete checkpoint (a
+    damaged or hand-edited folder), the newest complete checkpoint is returned instead and
+    a warning says so.
+    """
     directory = Path(directory)
     pointer = directory / LATEST
-    if not pointer.is_file():
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        try:
+            check_complete(directory / name)
+            return directory / name
+        except CheckpointError as exc:
+            problem = f"{pointer} names {name!r}, which is not a complete checkpoint ({exc})"
+    else:
+        problem = f"{pointer} is missing"
+    found = list_checkpoints(directory)
+    if not found:
+        if pointer.is_file():
+            warnings.warn(f"{problem}, and {directory} holds no other complete checkpoint", stacklevel=2)
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
-    path = directory / name
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{pointer} names {name!r}, but {path} is not a complete checkpoint")
-    return path
+    warnings.warn(f"{problem}; using the newest complete checkpoint, {found[-1].name}", stacklevel=2)
+    return found[-1]
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path | None:
+    """``path`` itself when it is a checkpoint folder, else the latest checkpoint in it
+    (None when it holds none)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    return latest_checkpoint(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint folder, or the one ``latest`` names when ``path`` is a checkpoints
-    directory. Only safetensors and JSON are read."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        resolved = latest_checkpoint(path)
-        assert resolved is not None
-        path = resolved
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint (no {STATE_FILE})")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    for name in state.get("files", []):
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+    """Read a checkpoint folder, or the latest one when ``path`` is a checkpoints directory.
+
+    The folder must be complete (every listed file present, at its saved size). Only
+    safetensors and JSON are read.
+    """
+    resolved = resolve_checkpoint(path)
+    if resolved is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (no {STATE_FILE}, no {LATEST})")
+    path = resolved
+    state = check_complete(path)
     model = load_tensors(path / MODEL_FILE)
     disc = load_tensors(path / DISC_FILE) if (path / DISC_FILE).is_file() else {}
     optim_tensors = load_tensors(path / OPTIM_FILE) if (path / OPTIM_FILE).is_file() else {}
@@ -410,14 +368,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, nam
                                                         optimizer.state_dict()))
 
 
-def _sweep_temporaries(directory: Path) -> None:
-    """Remove leftovers of writes that were interrupted (they were never pointed at)."""
-    for p in directory.iterdir():
-        if p.name.startswith(_TMP_PREFIX):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+def sweep_temporaries(directory: str | os.PathLike[str]) -> None:
+    """Remove leftovers of interrupted saves (``.tmp-*``: never named by ``latest``)."""
+    for p in Path(directory).iterdir():
+        if p.name.startswith(TMP_PREFIX):
+            atomic_io.remove_tree(p)
+
+
+_sweep_temporaries = sweep_temporaries  # the old private name
 
 
 def split_state_dict(state: Mapping[str, Tensor], names: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

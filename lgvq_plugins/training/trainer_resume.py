@@ -49,10 +49,10 @@ class TrainerCheckpoints:
     def check_resumable(self, path: str | os.PathLike[str] | None = None) -> ckpt_io.Checkpoint | None:
         """Load the latest checkpoint (or ``path``) and check that it was made with this
         configuration; raises :class:`ConfigMismatchError` naming the differing settings."""
-        path = Path(path) if path is not None else self.ckpt_dir
-        if ckpt_io.latest_checkpoint(path) is None and not (path / ckpt_io.STATE_FILE).is_file():
+        resolved = ckpt_io.resolve_checkpoint(Path(path) if path is not None else self.ckpt_dir)
+        if resolved is None:
             return None
-        ck = ckpt_io.load_checkpoint(path)
+        ck = ckpt_io.load_checkpoint(resolved)
         saved_hash = ck.state.get("config_hash")
         if self.config_hash is not None and saved_hash is not None and saved_hash != self.config_hash:
             old, new = set(ck.state.get("config") or []), set(self.config_lines)
