@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import lgvq_plugins
-from lgvq_plugins.registry import DuplicateComponentError, Registry, UnknownComponentError
+from gin import config as gin_config
+
+from lgvq_plugins.registry import (DuplicateComponentError, Origin, Registry, UnknownComponentError,
+                                   gin_selector, plural)
 
 
 class _Toy:
@@ -82,10 +85,11 @@ def test_decorator_registration_is_one_line_and_gin_configurable(fresh_plugins):
 
 def test_every_kind_has_register_create_list():
     for kind in lgvq_plugins.KINDS:
-        plural = "alignment_losses" if kind == "alignment_loss" else f"{kind}s"
         assert callable(getattr(lgvq_plugins, f"register_{kind}"))
         assert callable(getattr(lgvq_plugins, f"create_{kind}"))
-        assert callable(getattr(lgvq_plugins, f"list_{plural}"))
+        assert callable(getattr(lgvq_plugins, f"list_{plural(kind)}"))
+    assert (plural("alignment_loss"), plural("perceptual_loss"), plural("quantizer")) == (
+        "alignment_losses", "perceptual_losses", "quantizers")
 
 
 def test_gin_reference_to_registered_component(fresh_plugins):
@@ -103,3 +107,71 @@ def test_gin_reference_to_registered_component(fresh_plugins):
         assert holder_for_test() == 15.0
     finally:
         lgvq_plugins.registry("metric").remove("scaled_for_test")
+
+
+def test_unknown_name_message_uses_the_right_plural():
+    reg = Registry("alignment_loss")
+    reg.add("gsa_for_test", _Toy, source="t")
+    with pytest.raises(UnknownComponentError, match="Registered alignment_losses: gsa_for_test"):
+        reg.get("nope")
+
+
+class _Builtin(_Toy):
+    pass
+
+
+class _Plugin(_Toy):
+    pass
+
+
+class _Code(_Toy):
+    pass
+
+
+def _in_gin(kind: str, name: str):
+    return gin_config._REGISTRY[gin_selector(kind, name)].wrapped
+
+
+def test_precedence_code_over_plugin_over_builtin_whatever_the_order():
+    """The registration in effect has the highest (origin, exist_ok, order); gin's table
+    always holds that one, and removing it brings back the one it replaced."""
+    for order in ([("b", _Builtin, Origin.BUILTIN, False), ("p", _Plugin, Origin.PLUGIN, True),
+                   ("c", _Code, Origin.CODE, True)],
+                  [("c", _Code, Origin.CODE, True), ("p", _Plugin, Origin.PLUGIN, True),
+                   ("b", _Builtin, Origin.BUILTIN, False)]):
+        reg = Registry("metric")
+        for owner, factory, origin, exist_ok in order:
+            reg.add("prec_test", factory, source=owner, origin=origin, exist_ok=exist_ok, owner=owner)
+        assert reg.entry("prec_test").original is _Code and _in_gin("metric", "prec_test") is _Code
+        assert [e.source for e in reg.entries("prec_test")] == [o[0] for o in order]
+        reg.remove("prec_test")  # the code registration goes: the plugin's override is back
+        assert reg.entry("prec_test").original is _Plugin and _in_gin("metric", "prec_test") is _Plugin
+        reg.remove_owner("p")
+        assert reg.entry("prec_test").original is _Builtin and _in_gin("metric", "prec_test") is _Builtin
+        reg.remove("prec_test")
+        assert "prec_test" not in reg
+        assert gin_selector("metric", "prec_test") not in gin_config._REGISTRY
+
+
+def test_exist_ok_rules():
+    reg = Registry("metric")
+    reg.add("rules_test", _Builtin, source="built-in", origin=Origin.BUILTIN)
+    # a plugin without exist_ok may not take a built-in's name ...
+    with pytest.raises(DuplicateComponentError, match="by built-in and by plugin"):
+        reg.add("rules_test", _Plugin, source="plugin", origin=Origin.PLUGIN)
+    # ... with it, it may, and a later plugin that only wants to share the name is refused,
+    reg.add("rules_test", _Plugin, source="plugin", origin=Origin.PLUGIN, exist_ok=True, owner="p")
+    with pytest.raises(DuplicateComponentError):
+        reg.add("rules_test", _Toy, source="other plugin", origin=Origin.PLUGIN, owner="q")
+    # while a lower-ranked registration under an exist_ok override is kept underneath
+    reg2 = Registry("metric")
+    reg2.add("rules_test2", _Code, source="code", origin=Origin.CODE, exist_ok=True)
+    reg2.add("rules_test2", _Builtin, source="built-in", origin=Origin.BUILTIN)
+    assert reg2.entry("rules_test2").original is _Code
+    # among exist_ok registrations of equal origin the later one wins
+    reg.add("rules_test", _Toy, source="later plugin", origin=Origin.PLUGIN, exist_ok=True, owner="r")
+    assert reg.entry("rules_test").original is _Toy
+    reg.remove_owner("r")
+    assert reg.entry("rules_test").original is _Plugin
+    reg.clear()
+    reg2.clear()
