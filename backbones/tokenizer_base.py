@@ -8,15 +8,14 @@ where they have one) and pass their constructor arguments to :meth:`_finish_conf
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any, Callable, Mapping, Sequence
 
-import gin
 import torch
 from torch import Tensor, nn
 
 from lgvq_plugins import api
+from lgvq_plugins.arguments import import_object, is_import_path, registered_gin_name, resolved_arguments
 from lgvq_plugins.training.checkpoint import to_jsonable
 from lgvq_plugins.interfaces import LossOutput, Quantized
 
@@ -49,55 +48,55 @@ def _factory_name(factory: Callable[..., Any]) -> str:
     return f"{module}:{qualname}"
 
 
-def _import_factory(path: str) -> Callable[..., Any]:
-    module, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def build_quantizer(quantizer: QuantizerSpec, quantizer_config: Mapping[str, Any] | None,
                     dim: int) -> tuple[nn.Module, str, dict[str, Any]]:
     """Build the quantizer as ``factory(**{**quantizer_config, "dim": dim})``.
 
     ``quantizer`` is a registry name, an import path ``"module:factory"`` or a callable.
-    Returns the module, the name that rebuilds it, and its settings (its own ``config`` when
-    it has one; otherwise the gin bindings in force for it overlaid with
-    ``quantizer_config``), without ``dim``.
+    An import path is imported only where imports are allowed
+    (:func:`lgvq_plugins.arguments.import_paths_allowed`; ``from_pretrained`` forbids them
+    unless ``trust_remote_code=True``).
+
+    Returns the module, the name that rebuilds it, and its complete settings without ``dim``:
+    its own ``config`` when it has one, otherwise every argument it received (signature
+    defaults ⊕ gin bindings in force ⊕ ``quantizer_config``; values that are not JSON and
+    were not given explicitly are left out).
     """
     settings = dict(quantizer_config or {})
     if "dim" in settings and settings["dim"] != dim:
         raise ValueError(f"quantizer_config sets dim={settings['dim']} but the tokenizer's embed_dim is "
                          f"{dim}; the quantizer width always follows embed_dim, drop 'dim'")
     settings.pop("dim", None)
-    if isinstance(quantizer, str) and ":" not in quantizer:
-        module = api.create_quantizer(quantizer, **settings, dim=dim)
-        name = quantizer
-        gin_name = f"lgvq.quantizer.{quantizer}"
+    if isinstance(quantizer, str) and not is_import_path(quantizer):
+        entry = api.registry("quantizer").entry(quantizer)  # unknown names: error listing the known
+        module = entry.factory(**settings, dim=dim)  # None values are passed on, as saved
+        name, factory, gin_name = quantizer, entry.original, registered_gin_name("quantizer", quantizer)
     else:
-        factory = _import_factory(quantizer) if isinstance(quantizer, str) else quantizer
+        factory = import_object(quantizer, key="quantizer") if isinstance(quantizer, str) else quantizer
         if not callable(factory):
             raise TypeError(f"quantizer must be a registry name or a callable, got {quantizer!r}")
         name = quantizer if isinstance(quantizer, str) else _factory_name(factory)
-        module = (api.create_quantizer(name, **settings, dim=dim) if ":" not in name
-                  else factory(**settings, dim=dim))
-        gin_name = f"lgvq.quantizer.{name}" if ":" not in name else None
+        if is_import_path(name):
+            module, gin_name = factory(**settings, dim=dim), None
+        else:  # a registered factory passed as an object: built (and recorded) by its name
+            entry = api.registry("quantizer").entry(name)
+            module = entry.factory(**settings, dim=dim)
+            factory, gin_name = entry.original, registered_gin_name("quantizer", name)
     if getattr(module, "dim", dim) != dim:
         raise ValueError(f"quantizer {name!r} was built with dim={module.dim}, expected embed_dim={dim}")
+    if not is_import_path(name):
+        try:  # as registry.create does: the name that rebuilds it
+            module.lgvq_registry_name = name
+        except (AttributeError, TypeError):
+            pass
 
     own = getattr(module, "config", None)
     if isinstance(own, Mapping):
         resolved = {k: v for k, v in own.items() if k != "dim"}
     else:
-        resolved = {}
-        if gin_name is not None:
-            try:  # bindings gin injected; explicit settings take precedence, as at build time
-                resolved = {k: v for k, v in gin.get_bindings(gin_name).items() if _json_safe(v)}
-            except (ValueError, KeyError):
-                resolved = {}
-        resolved.update(settings)
-        resolved.pop("dim", None)
+        received = resolved_arguments(factory, settings, gin_name=gin_name)
+        resolved = {k: v for k, v in received.items()
+                    if k != "dim" and (k in settings or _json_safe(to_jsonable(v)))}
     return module, name, to_jsonable(resolved)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lgvq_plugins import api
+from lgvq_plugins.arguments import create_recorded
 from lgvq_plugins.guidance.code_text import CodeTextTransformer
 from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import GuidableTokenizer, GuidedOutput, TextEncoder
@@ -76,16 +77,25 @@ class LanguageGuided(nn.Module):
         heads: code–text transformer attention heads; default ``width // 32``.
         mlp_ratio: MLP width multiple of the code–text transformer blocks.
         dropout: dropout in the code–text transformer.
+        loss_options: alignment-loss name → keyword arguments of that loss (e.g.
+            ``{"ras": {"reduction": "reference"}}``); gin bindings of the loss fill the rest.
+
+    :attr:`config` holds every setting as resolved (defaults, gin and arguments; each loss's
+    full options; the text encoder's registry name), which ``save_pretrained`` writes so
+    that ``from_pretrained`` rebuilds exactly this module.
 
     Loss modules read in ``setup(guide)``: :attr:`text_encoder`, :attr:`visual_width`,
     :attr:`code_dim` (and :attr:`tokenizer`, :attr:`grid`).
     """
 
+    #: settings naming places on this machine: not saved by ``save_pretrained``
+    lgvq_local_settings = ("cache_dir",)
+
     def __init__(self, tokenizer: nn.Module | str, text_encoder: str | TextEncoder = "minilm",
                  losses: Mapping[str, float] | None = None, enabled: bool = True,
                  cache_dir: str | None = None, image_size: int | Sequence[int] | None = None,
                  width: int | None = None, depth: int = 2, heads: int | None = None, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, loss_options: Mapping[str, Mapping[str, Any]] | None = None):
         super().__init__()
         if isinstance(tokenizer, str):
             tokenizer = api.create_backbone(tokenizer)
@@ -99,10 +109,18 @@ class LanguageGuided(nn.Module):
         self.alignment_losses = nn.ModuleDict()
         self.grid: tuple[int, int] | None = None
         self.image_size = image_size
+        options = {name: dict(opts or {}) for name, opts in (loss_options or {}).items()}
+        # every setting as given (None included); resolved values replace them below
+        self.config: dict[str, Any] = {
+            "enabled": self.enabled, "text_encoder": text_encoder if isinstance(text_encoder, str)
+            else getattr(text_encoder, "lgvq_registry_name", None),
+            "losses": None if losses is None else dict(losses), "loss_options": options,
+            "cache_dir": cache_dir, "image_size": image_size, "width": width, "depth": depth,
+            "heads": heads, "mlp_ratio": mlp_ratio, "dropout": dropout}
         if not self.enabled:
             return
 
-        encoder = api.create_text_encoder(text_encoder) if isinstance(text_encoder, str) \
+        encoder = create_recorded("text_encoder", text_encoder) if isinstance(text_encoder, str) \
             else text_encoder
         check_implements(encoder, TextEncoder, role="LanguageGuided(text_encoder=...)")
         if isinstance(encoder, nn.Module):
@@ -120,19 +138,28 @@ class LanguageGuided(nn.Module):
                                              dropout=dropout)
 
         weights = dict(REFERENCE_LOSS_WEIGHTS if losses is None else losses)
+        stray = sorted(set(options) - {n for n, w in weights.items() if w})
+        if stray:
+            raise ValueError(f"LanguageGuided.loss_options names {stray}, which are not among the "
+                             f"losses with a weight > 0 ({weights}); add them to losses or drop the options")
         for name, weight in weights.items():
             if not isinstance(weight, (int, float)) or weight < 0:
                 raise ValueError(f"LanguageGuided.losses[{name!r}] = {weight!r}: a weight must be a "
                                  "number >= 0 (0 leaves the loss out)")
             if weight == 0:
                 continue
-            loss = api.create_alignment_loss(name)
+            loss = create_recorded("alignment_loss", name, **options.get(name, {}))
             if not isinstance(loss, nn.Module):
                 raise TypeError(f"alignment loss {name!r} built a {type(loss).__name__}; alignment "
                                 "losses must be nn.Modules (so their parameters are trained and saved)")
             loss.setup(self)
             self.alignment_losses[name] = loss
             self.weights[name] = float(weight)
+        self.config.update(
+            text_encoder=getattr(encoder, "lgvq_registry_name", self.config["text_encoder"]),
+            losses=weights, image_size=self.image_size, width=width, heads=heads,
+            loss_options={n: dict(getattr(m, "lgvq_config", options.get(n, {})))
+                          for n, m in self.alignment_losses.items()})
 
     # -- what the losses read -----------------------------------------------------------
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,14 @@ class OpenCLIPTextEncoder(FrozenTextEncoder):
             (OpenAI weights need it).
         cache_dir: where open_clip caches downloaded weights (default: open_clip's and the
             Hugging Face hub's defaults); only looked at for pretrained tags.
+
+    ``save_pretrained`` saves ``pretrained`` when it is a tag or ``None``; a checkpoint *file*
+    and ``cache_dir`` are paths of this machine, not saved: pass them again when loading
+    (``from_pretrained(..., text_encoder_options={"pretrained": path})``), and the saved
+    weights identity checks that they are the same weights.
     """
+
+    lgvq_registry_name = "open_clip"
 
     def __init__(
         self,
@@ -133,6 +141,11 @@ class OpenCLIPTextEncoder(FrozenTextEncoder):
         if self._short_context:
             tower.attn_mask = tower.attn_mask[: self.max_length, : self.max_length].clone()
         self.text = tower
+        self.config = {"model_name": model_name, "pretrained": pretrained, "max_length": self.max_length,
+                       "text_cfg": {k: v for k, v in model_text_cfg.items() if k != "output_tokens"},
+                       "embed_dim": embed_dim, "quick_gelu": quick_gelu, "cache_dir": cache_dir}
+        local_file = checkpoint is not None and label.startswith("file:")
+        self.lgvq_local_settings = ("pretrained", "cache_dir") if local_file else ("cache_dir",)
         self._freeze()
 
     # -- TextEncoder ----------------------------------------------------------------------
@@ -263,11 +276,45 @@ def _text_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             if not k.startswith("visual.") and k not in _NON_TEXT_KEYS}
 
 
-def _load_text_weights(tower: torch.nn.Module, checkpoint: str, model_name: str) -> None:
-    from open_clip.factory import load_state_dict
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (OpenAI's CLIP files) holds ``code/``; a ``torch.save`` zip not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 2)[1:2] == ["code"] for name in archive.namelist())
 
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, never unpickling arbitrary objects.
+
+    ``.safetensors`` through safetensors; a TorchScript archive through ``torch.jit.load``
+    (TorchScript's own format, no pickle of Python objects); anything else through
+    ``torch.load(weights_only=True)``. (open_clip's loader falls back to a full unpickle on
+    old torch versions; this one never does.) A ``state_dict`` entry and a DDP ``module.``
+    prefix are unwrapped.
+    """
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path), device="cpu")
+    elif _is_torchscript(str(path)):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds {type(state).__name__}, not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_text_weights(tower: torch.nn.Module, checkpoint: str, model_name: str) -> None:
     try:
-        state_dict = load_state_dict(checkpoint, device="cpu")
+        state_dict = read_checkpoint(checkpoint)
     except Exception as exc:
         raise RuntimeError(
             f"open_clip text encoder: could not read checkpoint {checkpoint!r} "

@@ -13,11 +13,17 @@ Registered names:
 Every encoder meets :class:`lgvq_plugins.interfaces.TextEncoder`, is an ``nn.Module`` (so
 ``.to(device)`` works) and is frozen: no parameter requires grad and it stays in eval mode
 even when a parent module calls ``.train()``.
+
+For ``save_pretrained`` each built-in encoder also tells how to rebuild it: ``config`` (the
+arguments of its registered factory), ``lgvq_registry_name``, ``lgvq_local_settings`` (the
+arguments that are paths on this machine, which are not saved) and ``weights_sha256`` (an
+identity of its weights, checked when a saved model is reloaded).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,10 +46,17 @@ class FrozenTextEncoder(nn.Module):
     width: int
     global_width: int
     special_token_ids: frozenset[int]
+    #: registry name whose factory rebuilds the encoder from :attr:`config`
+    lgvq_registry_name: str
+    #: arguments of that factory naming files or folders of this machine (never saved)
+    lgvq_local_settings: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
         self._identity: str | None = None
+        self._sha256: str | None = None
+        #: the registered factory's arguments (subclasses fill it in)
+        self.config: dict[str, Any] = {}
 
     # -- freezing ---------------------------------------------------------------------
     def _freeze(self) -> None:
@@ -66,19 +79,22 @@ class FrozenTextEncoder(nn.Module):
         Computed once, on first use (hashing ~100 MB of weights takes a fraction of a second).
         """
         if self._identity is None:
-            self._identity = f"{self._identity_prefix()}/weights={self._weights_fingerprint()[:16]}"
+            self._identity = f"{self._identity_prefix()}/weights={self.weights_sha256[:16]}"
         return self._identity
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 over the encoder's state dict (names, dtypes, shapes and bytes).
+
+        Computed once, on first use — by the feature cache when guidance is built, before any
+        ``.to(dtype)`` — and kept, so it names the weights as loaded, not a cast copy.
+        """
+        if self._sha256 is None:
+            self._sha256 = weights_sha256(self)
+        return self._sha256
 
     def _identity_prefix(self) -> str:
         raise NotImplementedError
-
-    def _weights_fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
 
     # -- encoding ---------------------------------------------------------------------
     @property
@@ -118,3 +134,23 @@ class FrozenTextEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"max_length={self.max_length}, width={self.width}, "
                 f"global_width={self.global_width}")
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over ``module.state_dict()``: every tensor's name, dtype, shape and bytes, in
+    name order. Equal exactly when the weights are bit-for-bit equal (same dtype)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encoder_weights_sha256(encoder: Any) -> str | None:
+    """The encoder's ``weights_sha256`` if it has one, else computed from its state dict
+    (``None`` for an encoder that is not an ``nn.Module``: nothing to compare)."""
+    known = getattr(encoder, "weights_sha256", None)
+    if isinstance(known, str):
+        return known
+    return weights_sha256(encoder) if isinstance(encoder, nn.Module) else None

