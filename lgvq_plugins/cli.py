@@ -4,6 +4,10 @@
     lgvq list [KIND] [GLOB] registered component names
     lgvq configs            the bundled gin files
     lgvq run --gin F ...    same as ``python -m lgvq_plugins.run``
+    lgvq eval --pretrained runs/NAME/pretrained [--gin F ...]
+                            evaluate a saved model: runs/NAME/eval/{metrics.json,report.html}
+    lgvq compare --gin gin/compare/F.gin
+                            train variants x seeds, evaluate alike, write a mean ± std table
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("configs", help="list the bundled gin files")
     sub.add_parser("run", help="train/evaluate an experiment (see python -m lgvq_plugins.run -h)",
                    add_help=False)
+    _add_eval_and_compare(sub)
     if argv and argv[0] == "run":
         from lgvq_plugins.run import main as run_main
 
@@ -62,6 +67,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_components(args.kind, args.pattern)
     elif args.command == "configs":
         print("\n".join(bundled_configs()))
+    elif args.command in ("eval", "compare"):
+        return _eval_or_compare(args)
+    return 0
+
+
+def _add_eval_and_compare(sub: argparse._SubParsersAction) -> None:
+    def gin_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (repeatable)")
+        p.add_argument("--gin_bindings", action="append", default=[], metavar="BINDING",
+                       help="gin binding applied after the files (repeatable)")
+
+    ev = sub.add_parser("eval", help="evaluate a saved model (metrics.json + report.html)",
+                        epilog="example: lgvq eval --pretrained runs/cvq_lg/pretrained --gin eval/shapes.gin")
+    ev.add_argument("--pretrained", required=True, help="a run's pretrained/ folder")
+    ev.add_argument("--out", default=None, help="evaluation folder (default: eval/ beside pretrained/)")
+    ev.add_argument("--tasks", default=None, help="comma-separated task names (overrides Evaluation.tasks)")
+    ev.add_argument("--no-run-config", action="store_true",
+                    help="do not read the run's config.gin (it sizes the data like the training did)")
+    gin_args(ev)
+    cmp = sub.add_parser("compare", help="train variants x seeds and tabulate their evaluation",
+                         epilog="example: lgvq compare --gin compare/cvq.gin --gin_bindings 'Comparison.seeds = [0]'")
+    cmp.add_argument("--root", default=None, help="folder of comparisons (overrides Comparison.root)")
+    cmp.add_argument("--name", default=None, help="comparison name (overrides Comparison.name)")
+    gin_args(cmp)
+
+
+def _eval_or_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lgvq_plugins.config import parse_gin
+
+    if args.command == "eval":
+        run_config = Path(args.pretrained).resolve().parent / "config.gin"
+        files = ([str(run_config)] if run_config.is_file() and not args.no_run_config else []) + args.gin
+        parse_gin(files, args.gin_bindings)
+        from lgvq_plugins.evaluation.evaluate import evaluate_pretrained
+
+        extra = {"tasks": [t for t in args.tasks.split(",") if t]} if args.tasks else {}
+        metrics = evaluate_pretrained(args.pretrained, args.out, **extra)
+        print(json.dumps(metrics["tasks"], indent=2, sort_keys=True))
+        return 0
+    if not args.gin:
+        raise SystemExit("lgvq compare: give the comparison's gin file, e.g. --gin compare/cvq.gin")
+    parse_gin(args.gin, args.gin_bindings)
+    from lgvq_plugins.evaluation.compare import Comparison
+
+    overrides = {k: v for k, v in {"root": args.root, "name": args.name}.items() if v is not None}
+    comparison = Comparison(**overrides)
+    summary = comparison.run()
+    print((comparison.out_dir / "comparison.md").read_text(encoding="utf-8"))
+    print(f"[compare] {comparison.out_dir}/report.html ({summary['status']})")
     return 0
 
 

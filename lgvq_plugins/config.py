@@ -23,6 +23,8 @@ CONFIGURABLE_MODULES: tuple[str, ...] = (
     "lgvq_plugins.training.experiment",
     "lgvq_plugins.training.trainer",
     "lgvq_plugins.guidance.model",
+    "lgvq_plugins.evaluation.evaluate",   # Evaluation (lgvq eval)
+    "lgvq_plugins.evaluation.compare",    # Comparison (lgvq compare)
 )
 
 
