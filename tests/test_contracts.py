@@ -252,11 +252,15 @@ def test_mtp_factored_path_equals_the_plain_one():
     with torch.no_grad():
         out = model(_images(), CAPTIONS)
         assert out.visual_states.shape[-1] != out.visual_tokens.shape[-1]  # 16 vs 32
+        maps = []
+        predict = mtp.predict
+        mtp.predict = lambda *args, **kw: maps.append(kw.get("visual_map")) or predict(*args, **kw)
         torch.manual_seed(1)  # the same mask for both paths
         factored = mtp(out, {})
         factored_logits = out.extras["mtp"]["logits"]
         plain = GuidedOutput(out.reconstruction, out.quantized, text=out.text, visual_tokens=out.visual_tokens)
         torch.manual_seed(1)
         reference = mtp(plain, {})
+    assert maps == [model.code_text.proj_out, None]  # the documented fields select the cheap path
     torch.testing.assert_close(plain.extras["mtp"]["logits"], factored_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(reference, factored, rtol=1e-4, atol=1e-5)
