@@ -13,12 +13,14 @@ never modified afterwards, so several processes (DDP ranks) may share a folder: 
 its own shards, and each sees the others' shards the next time a cache is constructed.
 
 Memory is bounded (``max_memory_mb``, 1024 MiB by default, settable in gin as
-``TextFeatureCache.max_memory_mb``): rows live in an LRU over the on-disk shards. A row
-evicted from memory is read back from its shard when needed (one ``pread`` of that row, not
-a memory map, so reading a whole data set does not grow the process's resident memory);
-without ``cache_dir`` it is encoded again. Rows not yet written are never evicted before
-they are: the pending rows are flushed to a shard first. Beyond the bound the cache holds an
-index of ≈ 0.3 KB per caption on disk (≈ 90 MB for 300k captions).
+``TextFeatureCache.max_memory_mb``): rows live in a fixed pool of slots with least-recently
+used eviction, over the on-disk shards. A row evicted from memory is read back from its
+shard when needed (one ``pread`` of that row, not a memory map, so reading a whole data set
+does not grow the process's resident memory); without ``cache_dir`` it is encoded again.
+Rows not yet written are never evicted before they are: the pending rows are flushed to a
+shard first. Beyond the bound the cache holds an index of ≈ 0.3 KB per caption on disk
+(≈ 90 MB for 300k captions) and, while a shard is written, a copy of the pending rows
+(at most an eighth of the bound).
 
 The cache is a plain object, not an ``nn.Module``: it is never part of a ``state_dict``.
 """
@@ -26,43 +28,24 @@ The cache is a plain object, not an ``nn.Module``: it is never part of a ``state
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
-import uuid
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any
+
+import torch
 
 import gin
-import torch
-from safetensors.torch import save_file
-
 from lgvq_plugins.interfaces import TextEncoder, TextFeatures, TextTokens
-
-FORMAT = "lgvq-text-cache-1"
-_TENSORS = ("token_feats", "global_feat", "ids", "lengths", "special_mask")
+from lgvq_plugins.text.shards import FORMAT, Row, RowPool, ShardReader, ShardWriter
 
 #: default bound of the in-memory rows, MiB (≈ 22k MiniLM captions of 30 tokens; ≈ 6.5k of
 #: CLIP's 77 tokens). Per process: every DDP rank holds its own cache.
 DEFAULT_MAX_MEMORY_MB = 1024.0
-
-
-class _Row(NamedTuple):
-    """One caption's cached features (CPU; features fp32)."""
-
-    token_feats: torch.Tensor  # (L, Dt)
-    global_feat: torch.Tensor  # (Dg,)
-    ids: torch.Tensor  # (L,) int64
-    length: torch.Tensor  # () int64
-    special_mask: torch.Tensor  # (L,) bool
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nelement() * t.element_size() for t in self)
 
 
 @dataclass
@@ -94,7 +77,8 @@ class TextFeatureCache:
         cache_dir: folder for the on-disk cache (created if needed); ``None`` keeps
             features in memory only. Shards already there for this encoder are used.
         flush_every: write pending rows to a new shard once this many have accumulated
-            (they are also written by :meth:`save`, on ``with`` exit, and when the cache is
+            (or an eighth of the memory bound; they are also written by :meth:`save`, on
+            ``with`` exit, before a pending row would be evicted, and when the cache is
             garbage-collected or the interpreter exits).
         max_memory_mb: keep at most this many MiB of rows in memory (least recently used
             are dropped; with a disk cache they are read back from disk when needed, without
@@ -131,17 +115,18 @@ class TextFeatureCache:
         self.max_memory_rows = max_memory_rows
         self.max_memory_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
         self._stats = CacheStats()
-        self._memory: OrderedDict[str, _Row] = OrderedDict()
-        self._memory_bytes = 0
+        self._memory: OrderedDict[str, int] = OrderedDict()  # key -> pool slot, least recent first
+        self._free: list[int] = []  # slots given back by evictions
+        self._pool = RowPool(None)  # capacity set from the first row's size
         self._disk_index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
-        self._shards: list[_ShardReader] = []
+        self._shards: list[ShardReader] = []
         self.directory: Path | None = None
         if cache_dir is not None:
             namespace = hashlib.sha256(f"{self.identity}\n{self.max_length}".encode()).hexdigest()[:16]
             self.directory = Path(cache_dir) / namespace
             self.directory.mkdir(parents=True, exist_ok=True)
             self._load_shards()
-        self._writer = _ShardWriter(self.directory, self.identity, self.max_length)
+        self._writer = ShardWriter(self.directory, self.identity, self.max_length, self._pool)
         # Rows not yet on disk are written when the cache is garbage-collected or the
         # interpreter exits, whichever comes first; the writer holds no reference to the
         # cache, so this does not keep it alive.
@@ -160,12 +145,13 @@ class TextFeatureCache:
 
     def __len__(self) -> int:
         """Number of distinct captions available (memory and disk)."""
-        return len(self._disk_index.keys() | self._memory.keys() | self._writer.pending.keys())
+        return len(self._disk_index.keys() | self._memory.keys())
 
     @property
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
-        self._stats.memory_rows, self._stats.memory_bytes = len(self._memory), self._memory_bytes
+        self._stats.memory_rows = len(self._memory)
+        self._stats.memory_bytes = len(self._memory) * self._pool.row_bytes
         return CacheStats(**asdict(self._stats))
 
     # -- main API ---------------------------------------------------------------------
@@ -185,20 +171,24 @@ class TextFeatureCache:
                                 f"{type(caption).__name__} {caption!r}, not a string")
         keys = [self.key(c) for c in captions]
         unique = dict(zip(keys, captions))  # first occurrence wins; order kept
-        rows: dict[str, _Row] = {}
-        missing: dict[str, str] = {}
-        for key, caption in unique.items():
+        position = {key: u for u, key in enumerate(unique)}
+        out: list[torch.Tensor] | None = None
+        missing: list[str] = []
+        for key in unique:
             row = self._lookup(key)
             if row is None:
-                missing[key] = caption
-            else:
-                rows[key] = row
-        self._stats.hits += len(rows)
+                missing.append(key)
+            else:  # copied at once: a later lookup may reuse this row's slot
+                out = _place(out, position[key], row, len(unique))
+        self._stats.hits += len(unique) - len(missing)
         self._stats.misses += len(missing)
         if missing:
-            rows.update(self._encode(list(missing.keys()), list(missing.values())))
-        features = _assemble([rows[k] for k in keys])
-        self._trim_memory()
+            for key, row in zip(missing, self._encode(missing, [unique[k] for k in missing])):
+                out = _place(out, position[key], row, len(unique))
+        index = torch.tensor([position[k] for k in keys], dtype=torch.long)
+        token_feats, global_feat, ids, lengths, special = (t.index_select(0, index) for t in out)
+        features = TextFeatures(token_feats=token_feats, global_feat=global_feat,
+                                tokens=TextTokens(ids=ids, lengths=lengths, special_mask=special))
         return features.to(device) if device is not None else features
 
     __call__ = cache
@@ -229,7 +219,6 @@ class TextFeatureCache:
             chunk = items[start:start + batch_size]
             self._stats.misses += len(chunk)
             self._encode([k for k, _ in chunk], [c for _, c in chunk])
-            self._trim_memory()
         self.save()
         return len(items)
 
@@ -243,16 +232,16 @@ class TextFeatureCache:
         if path is not None:
             # index the new shard from what was just written (no need to read its keys back)
             shard = len(self._shards)
-            self._shards.append(_ShardReader(path))
+            self._shards.append(ShardReader(path))
             for row, key in enumerate(keys):
                 self._disk_index.setdefault(key, (shard, row))
             self._stats.shards_written += 1
         return path
 
-    def __enter__(self) -> "TextFeatureCache":
+    def __enter__(self) -> TextFeatureCache:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.save()
 
     def __repr__(self) -> str:
@@ -262,13 +251,13 @@ class TextFeatureCache:
 
     # -- internals --------------------------------------------------------------------
     def _known(self, key: str) -> bool:
-        return key in self._memory or key in self._disk_index or key in self._writer.pending
+        return key in self._memory or key in self._disk_index
 
-    def _lookup(self, key: str) -> _Row | None:
-        row = self._memory.get(key)
-        if row is not None:
+    def _lookup(self, key: str) -> Row | None:
+        slot = self._memory.get(key)
+        if slot is not None:
             self._memory.move_to_end(key)
-            return row
+            return self._pool.get(slot)
         where = self._disk_index.get(key)
         if where is None:
             return None
@@ -278,12 +267,39 @@ class TextFeatureCache:
         self._stats.disk_hits += 1
         return row
 
-    def _remember(self, key: str, row: _Row) -> None:
-        self._memory[key] = row
-        self._memory_bytes += row.nbytes
-        self._stats.peak_memory_bytes = max(self._stats.peak_memory_bytes, self._memory_bytes)
+    def _capacity(self, row: Row) -> int | None:
+        """Rows the bound allows (at least one), or None without a bound."""
+        limits = [self.max_memory_rows] if self.max_memory_rows is not None else []
+        if self.max_memory_bytes is not None:
+            limits.append(self.max_memory_bytes // row.nbytes)
+        return max(1, min(limits)) if limits else None
 
-    def _encode(self, keys: list[str], captions: list[str]) -> dict[str, _Row]:
+    def _remember(self, key: str, row: Row) -> int:
+        """Put ``row`` in a slot (evicting the least recently used row when full)."""
+        if self._pool.tensors is None:
+            self._pool.capacity = self._capacity(row)
+        if self._free:
+            slot = self._free.pop()
+        elif self._pool.capacity is None or len(self._memory) < self._pool.capacity:
+            slot = len(self._memory)
+        else:
+            slot = self._evict()
+        self._pool.put(slot, row)
+        self._memory[key] = slot
+        in_memory = len(self._memory) * self._pool.row_bytes
+        self._stats.peak_memory_bytes = max(self._stats.peak_memory_bytes, in_memory)
+        return slot
+
+    def _evict(self) -> int:
+        """Drop the least recently used row and return its slot. A row still waiting for the
+        writer is written first (all pending rows, in one shard), so nothing is lost."""
+        key = next(iter(self._memory))
+        if key in self._writer.pending:
+            self.save()
+        self._stats.evictions += 1
+        return self._memory.pop(key)
+
+    def _encode(self, keys: list[str], captions: list[str]) -> list[Row]:
         tokens = self.encoder.tokenize(captions)
         device = _module_device(self.encoder)
         if device is not None:  # the built-ins move tokens themselves; a third party may not
@@ -294,34 +310,16 @@ class TextFeatureCache:
         token_feats = features.token_feats.detach().float().cpu()
         global_feat = features.global_feat.detach().float().cpu()
         t = features.tokens.to("cpu")
-        new: dict[str, _Row] = {}
-        for i, key in enumerate(keys):
-            # clone: a row must not keep the whole batch's storage alive once others are evicted
-            row = _Row(token_feats[i].clone(), global_feat[i].clone(), t.ids[i].long().clone(),
-                       t.lengths[i].long().clone(), t.special_mask[i].bool().clone())
-            new[key] = row
-            self._remember(key, row)
-            self._writer.add(key, row)
-        if len(self._writer) >= self.flush_every:
-            self.save()
-        return new
-
-    def _over_bound(self) -> bool:
-        if self.max_memory_rows is not None and len(self._memory) > self.max_memory_rows:
-            return True
-        return self.max_memory_bytes is not None and self._memory_bytes > self.max_memory_bytes
-
-    def _trim_memory(self) -> None:
-        """Drop least recently used rows until under the bound. A row still waiting for the
-        writer is written first (all pending rows, in one shard), so nothing is lost and the
-        pending rows never sit outside the bound."""
-        while len(self._memory) > 1 and self._over_bound():
-            key = next(iter(self._memory))
-            if key in self._writer.pending:
+        rows = [Row(token_feats[i], global_feat[i], t.ids[i].long(), t.lengths[i].long(),
+                    t.special_mask[i].bool()) for i in range(len(keys))]
+        for key, row in zip(keys, rows):
+            self._writer.add(key, self._remember(key, row))
+            # Writing a shard briefly takes about twice the pending rows again (gathered,
+            # then serialised): flush at an eighth of the bound so that stays small.
+            if len(self._writer) >= self.flush_every or (
+                    self.max_memory_bytes is not None and self._writer.nbytes * 8 >= self.max_memory_bytes):
                 self.save()
-            row = self._memory.pop(key)
-            self._memory_bytes -= row.nbytes
-            self._stats.evictions += 1
+        return rows
 
     def _load_shards(self) -> None:
         assert self.directory is not None
@@ -332,7 +330,7 @@ class TextFeatureCache:
                 warnings.warn(f"TextFeatureCache: skipping unreadable shard {path} ({exc})", stacklevel=3)
 
     def _open_shard(self, path: Path) -> None:
-        reader = _ShardReader(path)
+        reader = ShardReader(path)
         meta = reader.metadata
         if (meta.get("format") != FORMAT or meta.get("identity") != self.identity
                 or meta.get("max_length") != str(self.max_length)):
@@ -344,60 +342,6 @@ class TextFeatureCache:
             self._disk_index.setdefault(digest.tobytes().hex(), (shard, row))
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class _ShardReader:
-    """Reads single rows of a safetensors shard with ``os.pread``.
-
-    Not a memory map on purpose: the pages of a mapped file touched by reads count in the
-    process's resident memory, so a pass over a large data set would grow it by the whole
-    cache; ``pread`` goes through the page cache, which the kernel reclaims as needed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + size
-        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            self.entries[name] = (_DTYPES[entry["dtype"]], list(entry["shape"]), begin, end)
-        self._file = open(path, "rb")  # noqa: SIM115 - kept open for the reader's lifetime
-
-    def _read(self, offset: int, length: int) -> bytearray:
-        data = bytearray(length)
-        view, done = memoryview(data), 0
-        while done < length:  # pread may return less than asked
-            chunk = os.pread(self._file.fileno(), length - done, self.data_start + offset + done)
-            if not chunk:
-                raise OSError(f"{self.path}: unexpected end of file")
-            view[done:done + len(chunk)] = chunk
-            done += len(chunk)
-        return data
-
-    def tensor(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[name]
-        return _from_bytes(self._read(begin, end - begin), dtype, shape)
-
-    def row(self, index: int) -> _Row:
-        parts = []
-        for name in _TENSORS:
-            dtype, shape, begin, end = self.entries[name]
-            per_row = (end - begin) // shape[0]
-            parts.append(_from_bytes(self._read(begin + index * per_row, per_row), dtype, shape[1:]))
-        return _Row(*parts)
-
-
-def _from_bytes(data: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(shape)
-
-
 def _module_device(encoder: Any) -> torch.device | None:
     if isinstance(encoder, torch.nn.Module):
         param = next(encoder.parameters(), None)
@@ -406,68 +350,13 @@ def _module_device(encoder: Any) -> torch.device | None:
     return None
 
 
-def _assemble(rows: list[_Row]) -> TextFeatures:
-    tokens = TextTokens(
-        ids=torch.stack([r.ids for r in rows]),
-        lengths=torch.stack([r.length for r in rows]),
-        special_mask=torch.stack([r.special_mask for r in rows]),
-    )
-    return TextFeatures(
-        token_feats=torch.stack([r.token_feats for r in rows]),
-        global_feat=torch.stack([r.global_feat for r in rows]),
-        tokens=tokens,
-    )
+def _place(out: list[torch.Tensor] | None, position: int, row: Row, total: int) -> list[torch.Tensor]:
+    """Copy ``row`` into row ``position`` of the batch tensors (made on the first row)."""
+    if out is None:
+        out = [torch.empty((total, *t.shape), dtype=t.dtype) for t in row]
+    for dst, src in zip(out, row):
+        dst[position] = src
+    return out
 
 
-class _ShardWriter:
-    """Rows computed but not yet on disk, and the atomic write of a shard.
-
-    Kept apart from the cache so that a finalizer can flush it without keeping the cache
-    alive."""
-
-    def __init__(self, directory: Path | None, identity: str, max_length: int) -> None:
-        self.directory = directory
-        self.identity = identity
-        self.max_length = max_length
-        self.pending: dict[str, _Row] = {}
-
-    def __len__(self) -> int:
-        return len(self.pending)
-
-    def add(self, key: str, row: _Row) -> None:
-        if self.directory is not None:
-            self.pending[key] = row
-
-    def flush(self) -> Path | None:
-        if self.directory is None or not self.pending:
-            return None
-        keys = list(self.pending)
-        rows = list(self.pending.values())
-        tensors = {
-            "keys": torch.frombuffer(bytearray(b"".join(bytes.fromhex(k) for k in keys)),
-                                     dtype=torch.uint8).reshape(len(keys), 32),
-            "token_feats": torch.stack([r.token_feats for r in rows]),
-            "global_feat": torch.stack([r.global_feat for r in rows]),
-            "ids": torch.stack([r.ids for r in rows]),
-            "lengths": torch.stack([r.length for r in rows]),
-            "special_mask": torch.stack([r.special_mask for r in rows]),
-        }
-        metadata = {"format": FORMAT, "identity": self.identity, "max_length": str(self.max_length),
-                    "rows": str(len(keys))}
-        path = self.directory / f"features-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")  # not *.safetensors: never read half-written
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        self.pending.clear()
-        return path
-
-    def flush_quietly(self) -> None:
-        try:
-            self.flush()
-        except Exception as exc:  # noqa: BLE001 - at exit or in GC: say what was lost, don't raise
-            warnings.warn(f"TextFeatureCache: could not save {len(self.pending)} pending caption "
-                          f"features to {self.directory} ({exc})", stacklevel=1)
+__all__ = ["DEFAULT_MAX_MEMORY_MB", "CacheStats", "TextFeatureCache"]
