@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgvq_plugins.evaluation.codebook import codebook_stats
 from lgvq_plugins.training import distributed
 
 
@@ -51,11 +52,10 @@ def vq_loss(x: Tensor, q: Tensor, beta: float, legacy: bool) -> Tensor:
 
 def usage_stats(counts: Tensor) -> dict[str, Tensor]:
     """``perplexity`` (exp of the entropy of code frequencies) and ``usage`` (fraction of
-    codes hit at least once) from (K,) counts; detached scalars."""
-    counts = counts.detach().float()
-    probs = counts / counts.sum().clamp_min(1.0)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-    return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
+    codes hit at least once) from (K,) counts; detached float32 scalars
+    (:func:`lgvq_plugins.evaluation.codebook.codebook_stats`)."""
+    stats = codebook_stats(counts.float())
+    return {"perplexity": stats.perplexity, "usage": stats.usage}
 
 
 class CodebookQuantizer(nn.Module):

@@ -14,53 +14,52 @@ DDP by torchmetrics itself, and ``update`` / ``compute`` / ``reset`` work as usu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.image import PeakSignalNoiseRatio
 
+from lgvq_plugins.evaluation.codebook import code_histogram, codebook_stats
 from lgvq_plugins.hookspecs import hookimpl
 
 
-class PSNR(Metric):
-    """Peak signal-to-noise ratio of images in [-1, 1], mapped to [0, 1] (peak 1).
+class PSNR(PeakSignalNoiseRatio):
+    """Peak signal-to-noise ratio of images in [-1, 1] (clamped to it; peak-to-peak 2, which
+    equals PSNR on [0, 1] images with peak 1): torchmetrics' ``PeakSignalNoiseRatio``.
 
     Args:
         reduction: ``"per_image"`` (default) averages each image's PSNR — the usual figure in
             tokenizer papers; ``"global"`` computes one PSNR from the MSE over all pixels.
-        eps: floor on the MSE, so identical images give a large finite value, not ``inf``.
+        eps: floor on the MSE, so identical images give a large finite value
+            (``-10·log10(eps)``, 100 dB by default), not ``inf``.
     """
 
-    higher_is_better = True
-    full_state_update = False
-
     def __init__(self, reduction: str = "per_image", eps: float = 1e-10, **kwargs):
-        super().__init__(**kwargs)
         if reduction not in {"per_image", "global"}:
             raise ValueError(f"psnr reduction must be 'per_image' or 'global', got {reduction!r}")
-        self.reduction = reduction
+        per_image = reduction == "per_image"
+        # per image: torchmetrics keeps one squared-error sum per image (dim=1 of the
+        # flattened images) and returns every image's PSNR; we average after the eps floor.
+        super().__init__(data_range=(-1.0, 1.0), reduction="none" if per_image else "elementwise_mean",
+                         dim=1 if per_image else None, **kwargs)
+        self.set_dtype(torch.float64)  # sums over many pixels stay exact enough
+        self.psnr_reduction = reduction
         self.eps = eps
-        self.add_state("psnr_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sq_err_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_pixels", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_images", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.max_db = -10.0 * math.log10(eps)
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # (B, C, H, W) in [-1, 1]
         if preds.shape != target.shape:
             raise ValueError(f"psnr: preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
-        p = (preds.detach().double().clamp(-1, 1) + 1) / 2
-        t = (target.detach().double().clamp(-1, 1) + 1) / 2
-        sq = (p - t).pow(2).flatten(1)  # (B, C·H·W)
-        mse = sq.mean(dim=1)
-        self.psnr_sum += (-10.0 * torch.log10(mse.clamp_min(self.eps))).sum()
-        self.sq_err_sum += sq.sum()
-        self.num_pixels += sq.numel()
-        self.num_images += sq.shape[0]
+        super().update(preds.detach().double().flatten(1), target.detach().double().flatten(1))
 
     def compute(self) -> Tensor:
-        if self.reduction == "global":
-            mse = self.sq_err_sum / self.num_pixels.clamp_min(1)
-            return (-10.0 * torch.log10(mse.clamp_min(self.eps))).float()
-        return (self.psnr_sum / self.num_images.clamp_min(1)).float()
+        seen = len(self.total) if isinstance(self.total, list) else int(self.total)
+        if not seen:
+            return torch.tensor(0.0)
+        values = super().compute().clamp_max(self.max_db)  # (N,) per image, or one value
+        return values.mean().float()
 
 
 class CodebookUsage(Metric):
@@ -68,7 +67,8 @@ class CodebookUsage(Metric):
 
     ``compute()`` returns ``usage`` (fraction of the ``num_codes`` codes chosen at least
     once) and ``perplexity`` (``exp`` of the entropy of the code histogram: K when all codes
-    are equally used, 1 when one code takes everything).
+    are equally used, 1 when one code takes everything), both from
+    :func:`lgvq_plugins.evaluation.codebook.codebook_stats`.
     """
 
     full_state_update = False
@@ -81,18 +81,15 @@ class CodebookUsage(Metric):
         self.add_state("counts", default=torch.zeros(self.num_codes, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, indices: Tensor) -> None:  # any shape of int code indices
-        flat = indices.detach().reshape(-1).long()
-        if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_codes):
-            raise ValueError(f"codebook_usage: indices outside [0, {self.num_codes}) "
-                             f"(min {int(flat.min())}, max {int(flat.max())}); is num_codes right?")
-        self.counts += torch.bincount(flat, minlength=self.num_codes).to(self.counts)
+        try:
+            counts = code_histogram(indices, self.num_codes)
+        except ValueError as exc:
+            raise ValueError(f"codebook_usage: {exc}") from None
+        self.counts += counts.to(self.counts)
 
     def compute(self) -> dict[str, Tensor]:
-        total = self.counts.sum()
-        probs = self.counts / total.clamp_min(1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
-        return {"usage": (self.counts > 0).double().mean().float(),
-                "perplexity": torch.exp(entropy).float()}
+        stats = codebook_stats(self.counts)
+        return {"usage": stats.usage.float(), "perplexity": stats.perplexity.float()}
 
 
 @hookimpl

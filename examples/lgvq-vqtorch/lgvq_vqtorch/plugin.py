@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lgvq_plugins.evaluation.codebook import code_histogram, codebook_stats
 from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.interfaces import Quantized
 
 
 def _usage_stats(indices: Tensor, num_codes: int) -> dict[str, Tensor]:
-    counts = torch.bincount(indices.reshape(-1), minlength=num_codes).float()
-    probs = counts / counts.sum().clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-    return {"perplexity": entropy.exp().detach(), "usage": (counts > 0).float().mean().detach()}
+    # the host's one implementation, so these numbers compare with the built-in quantizers'
+    stats = codebook_stats(code_histogram(indices, num_codes, validate=False))
+    return {"perplexity": stats.perplexity, "usage": stats.usage}
 
 
 class VectorQuantizeAdapter(nn.Module):
