@@ -105,7 +105,7 @@ def _eval_or_compare(args: argparse.Namespace) -> int:
         parse_gin(files, args.gin_bindings)
         from lgvq_plugins.evaluation.evaluate import evaluate_pretrained
 
-        extra = {"tasks": [t for t in args.tasks.split(",") if t]} if args.tasks else {}
+        extra = {"tasks": [t for t in args.tasks.split(",") if t]} if args.tasks is not None else {}
         metrics = evaluate_pretrained(args.pretrained, args.out, **extra)
         print(json.dumps(metrics["tasks"], indent=2, sort_keys=True))
         return 0

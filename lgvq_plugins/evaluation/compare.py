@@ -177,8 +177,10 @@ class Comparison:
                        f"Experiment.name = '{variant}_s{seed}'", f"Experiment.root = '{self.out_dir / 'runs'}'",
                        f"Experiment.tasks = {self.tasks!r}", "Experiment.overwrite = True"]
 
-    def _one(self, variant: str, seed: int, data_seen: dict[str, list[str]]) -> tuple[dict[str, Any], str]:
-        """Train (or reuse) one run; returns its metrics and 'trained' / 'reused' / 'reused+eval'."""
+    def _one(self, variant: str, seed: int, data_seen: dict[str, list[str]],
+             check_only: bool = False) -> tuple[dict[str, Any], str]:
+        """Train (or reuse) one run; returns its metrics and 'trained' / 'reused' / 'reused+eval'.
+        ``check_only``: parse its configuration and check the data only."""
         files, bindings = self.run_bindings(variant, seed)
         gin.clear_config()
         resolved = parse_gin(files, bindings)
@@ -192,6 +194,8 @@ class Comparison:
                              f"({data} vs {data_seen[first]}); bind the data settings in Comparison.bindings, "
                              "or set Comparison.same_data = False to compare anyway")
         data_seen.setdefault(variant, data)
+        if check_only:
+            return {}, "checked"
         run_dir = self.out_dir / "runs" / f"{variant}_s{seed}"
         old = R.read_metrics(run_dir)
         if old and old.get("gin_config_hash") == digest and not self.retrain:
@@ -216,6 +220,8 @@ class Comparison:
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in self.variants}
         status: dict[str, str] = {}
         data_seen: dict[str, list[str]] = {}
+        for variant in self.variants:  # every configuration parses and sees the same data before any training
+            self._one(variant, self.seeds[0], data_seen, check_only=True)
         for seed in self.seeds:  # seed-major: a cut-short comparison still has every variant
             for variant in self.variants:
                 print(f"[compare] {self.name}: {variant} seed {seed}", flush=True)

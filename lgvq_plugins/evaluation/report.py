@@ -81,7 +81,13 @@ def protocol_text(protocol: Mapping[str, Any] | None) -> str:
     """``split=test; images=256; ...`` from a protocol dict."""
     if not protocol:
         return ""
-    return "; ".join(f"{k}={v}" for k, v in protocol.items() if v is not None)
+
+    def flat(prefix: str, value: Any) -> list[str]:  # nested protocols (e.g. FID's extractor)
+        if isinstance(value, Mapping):
+            return [p for k, v in value.items() for p in flat(f"{prefix}.{k}" if prefix else str(k), v)]
+        return [] if value is None else [f"{prefix}={value}"]
+
+    return "; ".join(flat("", protocol))
 
 
 def img_tag(png: bytes, alt: str) -> str:
@@ -293,8 +299,8 @@ def _latest_sample(run_dir: Path) -> Path | None:
 
 def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, data: Dataset | None = None,
                      metrics: Mapping[str, Any] | None = None, twin: str | Path | None | bool = True,
-                     out: str | Path | None = None, num_images: int = 8, num_captions: int = 3,
-                     title: str | None = None) -> Path:
+                     out: str | Path | None = None, log: str | Path | None = None, num_images: int = 8,
+                     num_captions: int = 3, title: str | None = None) -> Path:
     """Write ``report.html`` for a run (or evaluation) folder; returns its path.
 
     Args:
@@ -306,6 +312,7 @@ def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, dat
         twin: True — look for a twin run beside ``run_dir`` (:func:`find_twin`); a path — that
             run; False/None — no twin column.
         out: the HTML file (default ``run_dir/report.html``).
+        log: the training log for the loss curves (default ``run_dir/logs/metrics.jsonl``).
     """
     run_dir = Path(run_dir)
     metrics = dict(metrics if metrics is not None else (read_metrics(run_dir) or {}))
@@ -344,10 +351,10 @@ def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, dat
                 f"<figcaption>{_e(source)}</figcaption></figure>")
 
     def losses() -> str:
-        log = run_dir / "logs" / "metrics.jsonl"
-        if not log.is_file():
-            return missing(f"no training log ({log})")
-        return img_tag(plots.loss_curves(read_jsonl(log)), "loss curves")
+        path = Path(log) if log is not None else run_dir / "logs" / "metrics.jsonl"
+        if not path.is_file():
+            return missing(f"no training log ({path})")
+        return img_tag(plots.loss_curves(read_jsonl(path)), "loss curves")
 
     def heatmaps() -> str:
         if not (have_model and is_guided(model)):
