@@ -51,7 +51,7 @@ def chromium() -> str | None:
 def _run(args: list[str], profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     exe = chromium()
     assert exe is not None
-    return subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+    return subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], check=False, capture_output=True,
                           text=True, timeout=timeout)
 
 
