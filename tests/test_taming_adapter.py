@@ -21,7 +21,7 @@ from torch import nn
 
 from lgvq_plugins.contracts import ContractError, check_implements
 from lgvq_plugins.guidance import LanguageGuided
-from lgvq_plugins.interfaces import Quantized, Tokenizer
+from lgvq_plugins.interfaces import Quantized, SavableTokenizer, Tokenizer
 from lgvq_plugins.training.trainer import Trainer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
@@ -161,3 +161,39 @@ def test_guided_and_trained_by_the_projects_trainer(adapter_ns, tmp_path):
                    "tokenizer.module.decoder.", "code_text.", "alignment_losses.mtp."):
         assert any(k.startswith(prefix) for k in changed), prefix
     assert not any("text_encoder" in k for k in after)  # MiniLM stays frozen and unsaved
+
+
+def test_registered_adapter_saves_and_reloads_from_data(adapter_ns, tmp_path):
+    """The doc's advice for save_pretrained: a registered factory that records its settings."""
+    import lgvq_plugins
+    from lgvq_plugins.hookspecs import hookimpl
+    from lgvq_plugins.pretrained import from_pretrained, save_pretrained
+
+    def taming_tiny(n_embed: int = 32, embed_dim: int = 8, ch: int = 16):
+        adapter = adapter_ns["TamingVQModel"](VQModel(n_embed, embed_dim, ch))
+        adapter.config.update(n_embed=n_embed, embed_dim=embed_dim, ch=ch)
+        return adapter
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_backbones(register):
+            register("taming_tiny", taming_tiny)
+
+    host = lgvq_plugins.get_host()
+    name = host.register_plugin(Plugin, name="tests.taming_adapter")
+    try:
+        torch.manual_seed(0)
+        tokenizer = lgvq_plugins.create_backbone("taming_tiny", n_embed=24)
+        check_implements(tokenizer, SavableTokenizer, role="registered taming adapter")
+        tokenizer(torch.rand(4, 3, 16, 16))  # training-mode forward: BatchNorm statistics move
+        save_pretrained(tokenizer, tmp_path / "taming")
+        loaded = from_pretrained(tmp_path / "taming")
+    finally:
+        host.unregister_plugin(name)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    tokenizer.eval()
+    with torch.no_grad():
+        assert loaded.quantizer.num_codes == 24
+        assert torch.equal(loaded(x)[0], tokenizer(x)[0])
+        assert torch.equal(loaded.encode(x).indices, tokenizer.encode(x).indices)
