@@ -286,18 +286,17 @@ class AlignmentLoss(Protocol):
     returns an unweighted scalar each step.
     """
 
-    def setup(self, guide: Any) -> None: ...
+    def setup(self, guide: Any) -> None:
+        """Called once by ``LanguageGuided`` with itself: build the layers (sized from
+        ``guide.text_encoder``, ``guide.visual_width``, ``guide.code_dim``)."""
 
-    def __call__(self, guided: GuidedOutput, batch: Mapping[str, Any]) -> Tensor: ...
+    def __call__(self, guided: GuidedOutput, batch: Mapping[str, Any]) -> Tensor:
+        """The unweighted scalar loss of one batch; by-products go to ``guided.extras[name]``."""
 
 
 # ---------------------------------------------------------------------------------------
 # Downstream tasks
 # ---------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class Task(Protocol):
-    """A downstream evaluation or second-stage model on the trained codes."""
-
-    def run(self, tokenizer: Tokenizer, data: Any, out_dir: str) -> dict[str, float]: ...
+# The task contract (``Task``: ``needs`` and ``run(model, data, out_dir) -> TaskResult``) lives
+# with the runner whose result type it returns, in lgvq_plugins/evaluation/task.py; one
+# definition, not a second copy here.

@@ -264,3 +264,27 @@ def test_mtp_factored_path_equals_the_plain_one():
     assert maps == [model.code_text.proj_out, None]  # the documented fields select the cheap path
     torch.testing.assert_close(plain.extras["mtp"]["logits"], factored_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(reference, factored, rtol=1e-4, atol=1e-5)
+
+
+def test_alignment_losses_are_checked_when_guidance_is_built():
+    from lgvq_plugins.hookspecs import hookimpl
+
+    class NoSetup(nn.Module):  # forgot setup(guide): it would never size its layers
+        def forward(self, guided, batch):
+            return guided.visual_tokens.sum() * 0
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_alignment_losses(register):
+            register("no_setup", NoSetup)
+
+    host = lgvq_plugins.get_host()
+    name = host.register_plugin(Plugin, name="tests.contracts.no_setup")
+    try:
+        with pytest.raises(ContractError, match=r"^alignment loss 'no_setup': ") as info:
+            LanguageGuided(FakeTokenizer(), FakeTextEncoder(), losses={"no_setup": 1.0}, **SMALL)
+    finally:
+        host.unregister_plugin(name)
+    assert info.value.missing == ["setup"]
+    assert "Called once by `LanguageGuided`" in str(info.value)

@@ -30,7 +30,7 @@ from lgvq_plugins import api
 from lgvq_plugins.arguments import create_recorded
 from lgvq_plugins.guidance.code_text import CodeTextTransformer
 from lgvq_plugins.contracts import check_implements
-from lgvq_plugins.interfaces import GuidableTokenizer, GuidedOutput, TextEncoder
+from lgvq_plugins.interfaces import AlignmentLoss, GuidableTokenizer, GuidedOutput, TextEncoder
 from lgvq_plugins.text.cache import TextFeatureCache
 
 #: Loss weights of the reference (CelebA-HQ, TextCaps; CUB uses 0.001 for all three).
@@ -152,6 +152,7 @@ class LanguageGuided(nn.Module):
             if not isinstance(loss, nn.Module):
                 raise TypeError(f"alignment loss {name!r} built a {type(loss).__name__}; alignment "
                                 "losses must be nn.Modules (so their parameters are trained and saved)")
+            check_implements(loss, AlignmentLoss, role=f"alignment loss {name!r}")
             loss.setup(self)
             self.alignment_losses[name] = loss
             self.weights[name] = float(weight)
