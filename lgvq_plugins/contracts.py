@@ -12,6 +12,7 @@ docstrings — and looks inside members that are themselves contracts (a tokeniz
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import typing
@@ -83,11 +84,12 @@ def _signature(name: str, fn: Any) -> str:
     return f"{name}({', '.join(params)})"
 
 
+@functools.cache
 def protocol_members(protocol: type) -> dict[str, Member]:
     """The members ``protocol`` asks for, base protocols' first, in declaration order.
 
     Public names and ``__call__`` count; typing's own machinery does not. Written out here
-    because typing's list of protocol attributes is private.
+    because typing's list of protocol attributes is private. Cached: treat it as read-only.
     """
     if not _is_protocol(protocol):
         raise TypeError(f"{protocol!r} is not a typing.Protocol")
