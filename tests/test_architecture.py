@@ -113,6 +113,26 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+#: the plugin host and the contracts: the bottom layers of docs/architecture.md's diagram
+CORE = {"hookspecs", "registry", "plugins", "api", "interfaces", "contracts", "adapters", "arguments",
+        "config", "_version", "_source_layout"}
+
+
+def test_the_core_names_no_component():
+    """The host and the contracts import (transitively) nothing from text/, guidance/, data/,
+    training/, evaluation/, backbones/ or tasks/: built-ins reach the host as plugins."""
+    graph = {name: _imports(name) for name in MODULES}
+    core = {f"lgvq_plugins.{name}" for name in CORE}
+    assert core <= set(MODULES), sorted(core - set(MODULES))
+    for name in sorted(core):
+        seen, todo = set(), [name]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        assert seen <= core, f"{name} depends on {sorted(seen - core)}"
+
+
 def test_internal_modules_never_import_the_package_itself():
     offenders = [name for name in MODULES
                  if name != "lgvq_plugins" and "lgvq_plugins" in _raw_targets(name)]
