@@ -10,7 +10,7 @@ with ``w`` the decoder's last conv weight, and ``disc_factor = 0`` before ``disc
 The discriminator sees the *detached* reconstruction; the generator's pass through it uses
 detached discriminator weights, so the generator objective never leaves gradients on them.
 
-CVQ is this backbone with the ``cvq`` quantizer (``gin/backbones/cvq.gin``).
+CVQ is this backbone with the ``cvq`` quantizer (``gin/backbones/cvq_backbone.gin``).
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from lgvq_plugins.config import bundled_gin_dir, resolve_gin_file
 
 # (label, gin block, backbone, extra bindings)
 CASES: list[tuple[str, str, str, list[str]]] = [
-    ("vqvae (vq)", "backbones/vqvae.gin", "vqvae", []),
-    ("vqgan (vq), before disc_start", "backbones/vqgan.gin", "vqgan", []),
-    ("vqgan (vq), GAN on", "backbones/vqgan.gin", "vqgan", ["vqgan.disc_start = 0"]),
-    ("cvq, GAN on", "backbones/cvq.gin", "vqgan", ["vqgan.disc_start = 0"]),
+    ("vqvae (vq)", "backbones/vqvae_backbone.gin", "vqvae", []),
+    ("vqgan (vq), before disc_start", "backbones/vqgan_backbone.gin", "vqgan", []),
+    ("vqgan (vq), GAN on", "backbones/vqgan_backbone.gin", "vqgan", ["vqgan.disc_start = 0"]),
+    ("cvq, GAN on", "backbones/cvq_backbone.gin", "vqgan", ["vqgan.disc_start = 0"]),
 ]
 
 

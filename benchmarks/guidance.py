@@ -42,7 +42,7 @@ class Case:
     bindings: list[str] = field(default_factory=list)
 
 
-# The quick-start geometry of the backbone block (gin/backbones/cvq.gin: 64×64 → 16×16,
+# The quick-start geometry of the backbone block (gin/backbones/cvq_backbone.gin: 64×64 → 16×16,
 # D=64), the quick start as shipped (gin/cvq_lg.gin: 32×32 → 16×16, D=32, with its own
 # LanguageGuided bindings), and the paper's first stage (256×256 → 16×16, D=256, batch 8;
 # no LPIPS: its weights are not available offline).
@@ -50,14 +50,14 @@ PAPER = ["vqgan.ch = 128", "vqgan.ch_mult = (1, 1, 2, 2, 4)", "vqgan.num_res_blo
          "vqgan.resolution = 256", "vqgan.z_channels = 256", "vqgan.embed_dim = 256",
          "vqgan.disc_ndf = 64", "vqgan.disc_n_layers = 3"]
 CASES = {
-    "quick": Case("quick start: cvq, 64×64 → 16×16, GAN off", "backbones/cvq.gin", "vqgan", 64, 16),
-    "quick-gan": Case("quick start: cvq, 64×64 → 16×16, GAN on", "backbones/cvq.gin", "vqgan", 64, 16,
+    "quick": Case("quick start: cvq, 64×64 → 16×16, GAN off", "backbones/cvq_backbone.gin", "vqgan", 64, 16),
+    "quick-gan": Case("quick start: cvq, 64×64 → 16×16, GAN on", "backbones/cvq_backbone.gin", "vqgan", 64, 16,
                       ["vqgan.disc_start = 0"]),
     "cvq_lg": Case("quick start as shipped (cvq_lg.gin): 32×32 → 16×16, GAN off", "cvq_lg.gin",
                    "vqgan", 32, 16),
     "cvq_lg-gan": Case("quick start as shipped (cvq_lg.gin): 32×32 → 16×16, GAN on", "cvq_lg.gin",
                        "vqgan", 32, 16, ["vqgan.disc_start = 0"]),
-    "paper": Case("paper: cvq, 256×256 → 16×16, GAN off", "backbones/cvq.gin", "vqgan", 256, 8, PAPER),
+    "paper": Case("paper: cvq, 256×256 → 16×16, GAN off", "backbones/cvq_backbone.gin", "vqgan", 256, 8, PAPER),
 }
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]

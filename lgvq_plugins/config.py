@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import gin
-from gin import config as gin_config
 
 from lgvq_plugins.plugins import get_host
+
+_SEARCH_PATHS: set[str] = set()  # folders this process has given gin to look up includes in
 
 
 #: Modules whose ``@gin.configurable`` classes (Experiment, Trainer, LanguageGuided, ...)
@@ -80,8 +81,11 @@ def parse_gin(files: Sequence[str | os.PathLike[str]] = (), bindings: Iterable[s
     resolved = [resolve_gin_file(f) for f in files]
     search_paths = [bundled_gin_dir(), *(p.parent for p in resolved)]
     for path in search_paths:
-        if str(path) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001 - avoid piling up duplicates
+        # gin never forgets a search path (clear_config keeps them), so remembering what we
+        # added is enough to avoid piling up duplicates.
+        if str(path) not in _SEARCH_PATHS:
             gin.add_config_file_search_path(str(path))
+            _SEARCH_PATHS.add(str(path))
     with _quiet_include_probing():
         gin.parse_config_files_and_bindings([str(p) for p in resolved], list(bindings),
                                             finalize_config=finalize)

@@ -318,9 +318,9 @@ def _parse(files: list[str], bindings: list[str] = ()) -> None:
 
 
 @pytest.mark.parametrize("block,backbone,quantizer", [
-    ("backbones/vqvae.gin", "vqvae", "vq"),
-    ("backbones/vqgan.gin", "vqgan", "vq"),
-    ("backbones/cvq.gin", "vqgan", "cvq"),
+    ("backbones/vqvae_backbone.gin", "vqvae", "vq"),
+    ("backbones/vqgan_backbone.gin", "vqgan", "vq"),
+    ("backbones/cvq_backbone.gin", "vqgan", "cvq"),
 ])
 def test_gin_blocks_build_quick_start(block: str, backbone: str, quantizer: str) -> None:
     if quantizer not in QUANTIZERS:

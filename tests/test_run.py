@@ -49,7 +49,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
         assert (d / rel).is_file(), rel
     operative = (d / "operative_config.gin").read_text()
     assert "Trainer.batch_size = %BATCH_SIZE" in operative and "BATCH_SIZE = 4" in operative
-    assert "include 'backbones/cvq.gin'" in (d / "config.gin").read_text()
+    assert "include 'quantizers/cvq_quantizer.gin'" in (d / "config.gin").read_text()
     saved = json.loads((d / "metrics.json").read_text())
     assert saved["steps"] == 4 and saved["codebooks_identical"] is True
     for key in ("val_psnr", "val_codebook_usage", "val_perplexity", "val_rec_loss", "train_images_per_sec"):
