@@ -366,3 +366,49 @@ def test_alignment_losses_in_fp32_under_bf16_autocast():
     for name in ("gsa", "ras"):
         assert out.raw_losses[name].item() == pytest.approx(reference[name].item(), rel=0.05)
     assert model.tokenizer.encoder[0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# guidance/reference.gin: the reference's losses
+# ---------------------------------------------------------------------------------------
+
+
+def test_reference_preset_builds_the_reference_losses():
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([str(GIN / "lg.gin"), str(GIN / "reference.gin")], [])
+        torch.manual_seed(0)
+        model = LanguageGuided(FakeTokenizer(), FakeTextEncoder(), width=32)
+    finally:
+        gin.clear_config()
+    gsa, mtp, ras = (model.alignment_losses[k] for k in ("gsa", "mtp", "ras"))
+    assert (gsa.temperature, gsa.symmetric) == (1.0, False)
+    assert (ras.reduction, ras.weight_by_similarity, ras.include_special) == ("reference", True, True)
+    assert mtp.label_smoothing == 0.1 and not mtp.rule.min_one
+    assert (mtp.rule.mean, mtp.rule.std, mtp.rule.low, mtp.rule.high) == (0.5, 0.1, 0.1, 0.3)
+    assert model.weights == REFERENCE_LOSS_WEIGHTS
+    assert model.code_text.blocks[0].attn.num_heads == 1
+    # the text decoder: 2 post-LN layers, 1 head, ReLU feed-forward of width 512, eps 1e-12,
+    # dropout 0.1 after each sub-layer and after the activation, no positional encoding
+    layers = mtp.decoder.layers
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.self_attn.heads == 1 and layer.cross_attn.heads == 1
+        assert layer.self_attn.dropout == 0.0  # no dropout on attention weights
+        first, act, second = layer.mlp
+        assert (first.out_features, second.in_features) == (512, 512)
+        assert isinstance(act[0], nn.ReLU) and act[1].p == 0.1 and layer.drop.p == 0.1
+        assert all(n.eps == 1e-12 for n in (layer.norm1, layer.norm2, layer.norm3))
+    assert not any("pos" in name for name, _ in mtp.decoder.named_parameters())
+    # post-LN, computed by hand for one layer (eval: no dropout)
+    layer = layers[0].eval()
+    first, _, second = layer.mlp
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    h = layer.norm1(x + layer.self_attn(x, x, pad))
+    h = layer.norm2(h + layer.cross_attn(h, ctx))
+    h = layer.norm3(h + second(torch.relu(first(h))))
+    assert torch.allclose(layer(x, ctx, pad), h, atol=1e-6)
+    out = model.train()(_images(), CAPTIONS)
+    assert set(out.raw_losses) == {"gsa", "mtp", "ras"}
+    assert all(torch.isfinite(v) for v in out.raw_losses.values())

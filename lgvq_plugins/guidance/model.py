@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lgvq_plugins import api
 from lgvq_plugins.arguments import create_recorded
 from lgvq_plugins.guidance.code_text import CodeTextTransformer
+from lgvq_plugins.guidance.inputs import check_captions, check_images
 from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import AlignmentLoss, GuidableTokenizer, GuidedOutput, TextEncoder
 from lgvq_plugins.text.cache import TextFeatureCache
@@ -214,6 +215,8 @@ class LanguageGuided(nn.Module):
             :class:`GuidedOutput` with the reconstruction and ``Quantized``; when enabled also
             the text features, visual tokens, weighted ``losses`` and unweighted ``raw_losses``.
         """
+        channels = int((getattr(self.tokenizer, "config", None) or {}).get("in_channels", 3))
+        check_images(images, channels)  # wrong shape, dtype or range: say so before any conv
         reconstruction, quantized = self.tokenizer(images)
         if not self.enabled:
             return GuidedOutput(reconstruction, quantized)
@@ -229,6 +232,7 @@ class LanguageGuided(nn.Module):
                                  "`LanguageGuided.enabled = False`")
             return GuidedOutput(reconstruction, quantized, visual_tokens=visual_tokens)
         captions = [captions] if isinstance(captions, str) else list(captions)
+        check_captions(captions, batch)  # None, 3, "" or "  " never reach the text encoder
         if len(captions) != images.shape[0]:
             raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
         with torch.no_grad():

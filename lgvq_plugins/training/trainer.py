@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lgvq_plugins.training import distributed as D
+from lgvq_plugins.training.batch_checks import collate_samples, drop_bad_samples
 from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import GuidedOutput, LossOutput, Tokenizer
 from lgvq_plugins.data.sampler import ResumableSampler
@@ -122,6 +123,9 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         config_hash / config_lines: identity of the configuration (stored in checkpoints and
             checked on resume).
         dump_codebooks: at the end, each rank writes ``codebook_rank<r>.safetensors``.
+        skip_bad_samples: drop samples whose caption is not a non-empty string and count
+            them (``skipped_samples`` in the logs and ``metrics.json``) instead of stopping
+            with an error that names them.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         config_hash: str | None = None,
         config_lines: Sequence[str] | None = None,
         dump_codebooks: bool = False,
+        skip_bad_samples: bool = False,
     ):
         _check_positive(max_steps=max_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                         num_samples=num_samples, keep_last=keep_last)
@@ -189,6 +194,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         self.config_hash = config_hash
         self.config_lines = list(config_lines or [])
         self.dump_codebooks = dump_codebooks
+        self.skip_bad_samples, self.skipped_samples = bool(skip_bad_samples), 0
         self.train_data = train_data
         self.val_data = val_data
 
@@ -265,7 +271,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         # RNG, and worker seeds do not depend on whether the run was restarted.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.rank)
         return DataLoader(self.train_data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, generator=generator,
+                          num_workers=self.num_workers, generator=generator, collate_fn=collate_samples,
                           pin_memory=self.device.type == "cuda")
 
     def _micro_batches_per_epoch(self) -> int:
@@ -334,6 +340,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         return {"steps": float(self.step), "epochs": float(self.epoch), "images_seen": float(self.images_seen),
                 "train_time_s": self.train_time,
                 "train_images_per_sec": self.images_seen / max(self.train_time, 1e-9) if self.train_time else 0.0,
+                "skipped_samples": float(self.skipped_samples),
                 **{f"final_train_{k}": v for k, v in self.last_train_logs.items() if k != "images_per_sec"}}
 
     def train_step(self, micro_batches: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -347,12 +354,15 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         sums: dict[str, float] = {}
         n = len(micro_batches)
         for i, raw in enumerate(micro_batches):
+            if self.skip_bad_samples:
+                raw, skipped = drop_bad_samples(raw)
+                self.skipped_samples += skipped
             batch = _to_device(raw, self.device)
             last = i == n - 1
             sync = contextlib.nullcontext() if (last or self.ddp_model is self.model) else self.ddp_model.no_sync()
             with sync:
                 with self.autocast():
-                    guided: GuidedOutput = self.ddp_model(batch["image"], batch["caption"], batch)
+                    guided: GuidedOutput = self.ddp_model(batch["image"], batch.get("caption"), batch)
                     # The unwrapped tokenizer: its objective may run the discriminator, which
                     # must not train here (frozen) and is not part of the DDP module.
                     with frozen(self.disc_params):
@@ -393,6 +403,8 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         self.step += 1
         logs = {k: v / n for k, v in sums.items()}
         logs["lr"] = self.optimizers["generator"].param_groups[0]["lr"]
+        if self.skip_bad_samples:
+            logs["skipped_samples"] = float(self.skipped_samples)  # since the start of this process
         return logs
 
     def _check_finite(self, step: int, total: Tensor, out: LossOutput, extra: Mapping[str, Tensor],

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lgvq_plugins.evaluation.metrics import PSNR, CodebookUsage
 from lgvq_plugins.training import distributed as D
+from lgvq_plugins.training.batch_checks import collate_samples
 from lgvq_plugins.training.logs import to_float
 
 
@@ -45,7 +46,8 @@ class TrainerEvaluation:
         usage = CodebookUsage(self.tokenizer.quantizer.num_codes).to(self.device)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # L1 sum, SE sum, pixels
         sampler = DistributedSampler(data, num_replicas=self.world_size, rank=self.rank, shuffle=False)
-        loader = DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        loader = DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                            collate_fn=collate_samples)
         try:
             for i, raw in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
