@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -33,8 +32,9 @@ from torch import nn
 from lgvq_plugins import api
 
 from lgvq_plugins.training import distributed as D
-from lgvq_plugins.training.checkpoint import latest_checkpoint, write_json_atomic, write_text_atomic
+from lgvq_plugins.training.checkpoint import write_json_atomic, write_text_atomic
 from lgvq_plugins.training.distributed import seed_everything, setup_distributed
+from lgvq_plugins.training.run_dir import RunDirectoryError, discard_failed_run, prepare_run_dir
 from lgvq_plugins.training.trainer import Trainer
 
 #: gin settings that change how long or how verbosely a run goes, not what it learns: they
@@ -56,10 +56,6 @@ RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "Trainer.keep_last", "Trainer.progress", "Trainer.tensorboard", "Trainer.num_workers",
     "Trainer.device", "LanguageGuided.cache_dir",
 )
-
-
-class RunDirectoryError(RuntimeError):
-    """The run directory is in a state that the requested action would damage."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,8 +164,9 @@ class Experiment:
         seed: seeds python / numpy / torch before anything is built.
         eval_batches: batches of the validation split for the final evaluation (None: all).
         resume: continue from ``checkpoints/latest``; refuses if the configuration differs.
-        overwrite: start afresh in a run directory that already has checkpoints (deleting
-            them); without it, that is an error.
+        overwrite: start afresh in a run directory that already holds a run (checkpoints, or
+            only the logs of a run stopped before its first checkpoint), deleting its contents;
+            without it, that is an error. A fresh run that fails to build removes its folder.
         run_only: settings that may change between a run and its resumption.
         tasks: registered evaluation tasks run after training on ``task_split`` (default: the
             validation split); their numbers go into ``metrics.json`` under ``"tasks"``.
@@ -202,19 +199,10 @@ class Experiment:
         self._config_files: list[Path] = []
         self._start = time.time()
 
-        has_checkpoint = latest_checkpoint(self.run_dir / "checkpoints") is not None
-        if resume and not has_checkpoint:
-            raise RunDirectoryError(f"--resume: {self.run_dir} has no checkpoint to resume from "
-                                    "(run without --resume to start it)")
-        if not resume and has_checkpoint:
-            if not overwrite:
-                raise RunDirectoryError(
-                    f"{self.run_dir} already holds a run with checkpoints. Pass --resume to continue "
-                    "it, --name to start another, or set `Experiment.overwrite = True` to replace it.")
-            if self.is_main_process:
-                for sub in ("checkpoints", "logs", "samples", "pretrained"):
-                    shutil.rmtree(self.run_dir / sub, ignore_errors=True)
-            self._barrier()
+        # A folder holding anything of a previous run (checkpoints, or only logs) is refused
+        # unless resumed or overwritten; True when a failed build may remove the folder.
+        self._fresh_run_dir = prepare_run_dir(self.run_dir, self.root, resume=resume, overwrite=overwrite,
+                                              main_process=self.is_main_process, barrier=self._barrier)
 
     # -- files --------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -275,6 +263,7 @@ class Experiment:
             self.trainer = Trainer(self.model, train, val, out_dir=self.run_dir)
         except Exception as exc:
             _note_locations(exc, self._config_files)
+            discard_failed_run(self.run_dir, fresh=self._fresh_run_dir, main_process=self.is_main_process)
             raise
         # Identity of everything built, the trainer's settings included.
         self.trainer.config_hash, self.trainer.config_lines = config_identity(
