@@ -220,7 +220,9 @@ def test_search_tiles_respect_the_budget_and_agree() -> None:
         assert rows * cols <= max(budget, 1) and rows >= 1 and cols >= 1
     x, codes = torch.randn(257, 5), torch.randn(61, 5)
     full = nearest_codes(x, codes, chunk_size=10**9, per_code="closest")
-    for budget in (1, 13, 64, 61 * 4 + 3):
+    # 64: one code per tile; 600: 256 rows × 2 codes with an uneven last tile; 256·61: all
+    # codes, 256 + 1 rows (a budget of 1 is covered by the tie test below)
+    for budget in (64, 600, 256 * 61):
         part = nearest_codes(x, codes, chunk_size=budget, per_code="closest")
         assert torch.equal(part.indices, full.indices)
         assert torch.equal(part.code_arg, full.code_arg)
@@ -247,18 +249,31 @@ def test_vq_never_holds_more_than_one_tile_of_distances(monkeypatch: pytest.Monk
 
 
 def test_per_code_sampling_follows_the_softmax() -> None:
-    # one code, four vectors at squared distances 0, 1, 2, 3: P(n) ∝ exp(-scale·d_n)
-    codes = torch.zeros(1, 1)
+    # 4000 identical codes (each draws on its own Gumbel noise), four vectors at squared
+    # distances 0, 1, 2, 3: P(n) ∝ exp(-scale·d_n); chunk 2000 spreads the codes over 8 tiles
+    codes = torch.zeros(4000, 1)
     x = torch.tensor([[0.0], [1.0], [2.0 ** 0.5], [3.0 ** 0.5]])
     scale = 0.7
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([
-        nearest_codes(x, codes, chunk_size=2, per_code="sample", logit_scale=scale, generator=gen).code_arg[0]
-        for _ in range(4000)
-    ])
+    draws = nearest_codes(x, codes, chunk_size=2000, per_code="sample", logit_scale=scale, generator=gen).code_arg
     freq = torch.bincount(draws, minlength=4).double() / draws.numel()
     expected = torch.softmax(-scale * torch.arange(4.0, dtype=torch.float64), 0)
     torch.testing.assert_close(freq, expected, atol=0.025, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 10**6])
+def test_search_takes_the_first_index_on_exact_ties(chunk_size: int) -> None:
+    """The documented tie rule, with exact fp32 ties inside and across tiles: the lowest code
+    index for every vector, and the lowest vector index for every code (``closest``)."""
+    codes = torch.tensor([[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    # rows 0, 2, 5 are copies, as are 1 and 3; row 4 is equidistant from codes 1-4 (0.5 each)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.0, 0.0]])
+    found = nearest_codes(x, codes, chunk_size=chunk_size, per_code="closest")
+    assert found.indices.tolist() == [1, 2, 1, 2, 1, 1, 1]
+    assert found.distances.tolist() == [0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 1.0]
+    # code 0 = (5, 5): row 4 at 40.5 beats rows 0-3 and 5 at 41; codes 3, 4 copy codes 1, 2
+    assert found.code_arg.tolist() == [4, 0, 1, 0, 1]
+    assert found.code_score.tolist() == [-40.5, 0.0, 0.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,6 +317,19 @@ def test_ema_update_matches_hand_computation() -> None:
     before = q.weight.clone()
     q(_one_row_input((5, 5)))
     assert torch.equal(q.weight, before)
+
+
+def test_ema_decay_weighs_the_old_average() -> None:
+    """decay 0.8 (not 0.5, where ``decay`` and ``1 − decay`` coincide): the old averages keep
+    weight 0.8 and the batch gets 0.2."""
+    q = VectorQuantizer(dim=2, num_codes=2, ema=True, ema_decay=0.8, ema_eps=0.0)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        q.embed_sum.copy_(q.weight)
+    q(_one_row_input((1, 0), (0, 1), (9, 9)))  # counts [2, 1], sums [[1, 1], [9, 9]]
+    torch.testing.assert_close(q.cluster_size, torch.tensor([0.8 + 0.2 * 2, 0.8 + 0.2 * 1]))
+    torch.testing.assert_close(q.embed_sum, torch.tensor([[0.2, 0.2], [9.8, 9.8]]))
+    torch.testing.assert_close(q.weight, torch.tensor([[0.2 / 1.2, 0.2 / 1.2], [9.8, 9.8]]))
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -411,6 +439,47 @@ def test_cvq_reanchoring_matches_the_formula() -> None:
     before = q.weight.clone()
     q(_one_row_input((7, 7)))
     assert torch.equal(q.weight, before)
+
+
+def _probrandom_anchor_frequencies(distance: str, feats: torch.Tensor, code: torch.Tensor,
+                                   num_codes: int = 3001, seed: int = 0) -> torch.Tensor:
+    """Frequencies of the features drawn as anchors by ``num_codes − 1`` identical dead codes.
+
+    All codes start at ``code`` and all features pick code 0 (first on ties), so codes
+    1..K−1 are unused (p_k = 0, pull w = exp(−1e-3)) and each draws its anchor independently;
+    the anchor is read back from ``e' = (1 − w)·e + w·anchor``.
+    """
+    n, dim = feats.shape
+    q = ClusteredVectorQuantizer(dim=dim, num_codes=num_codes, distance=distance, anchor="probrandom", seed=seed)
+    with torch.no_grad():
+        q.weight.copy_(code.expand(num_codes, dim))
+    q(feats.T.reshape(1, dim, 1, n))
+    w = math.exp(-1e-3)
+    anchors = (q.weight.detach()[1:] - (1 - w) * code) / w
+    gap, which = torch.cdist(anchors.double(), feats.double()).min(1)
+    assert gap.max() < 1e-4  # every anchor is one of the features
+    return torch.bincount(which, minlength=n).double() / which.numel()
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_cvq_probrandom_draws_anchors_with_the_documented_temperature(distance: str) -> None:
+    """P(anchor_k = x_n) = softmax_n(sim(x_n, e_k)): sim = −‖x − e‖² for l2, the cosine
+    (temperature 1) for cosine."""
+    if distance == "l2":
+        feats = torch.tensor([[0.0], [1.0], [2.0 ** 0.5], [3.0 ** 0.5]])  # squared distances 0..3
+        code = torch.zeros(1)
+        sim = -torch.arange(4.0, dtype=torch.float64)
+    else:
+        angles = torch.tensor([0.0, 60.0, 90.0, 180.0], dtype=torch.float64).deg2rad()
+        feats = torch.stack([angles.cos(), angles.sin()], 1).float()  # cosines 1, ½, 0, −1
+        code = torch.tensor([3.0, 0.0])  # only the direction matters
+        sim = angles.cos()
+    freq = _probrandom_anchor_frequencies(distance, feats, code)
+    # 3000 draws: the standard error of each frequency is below 0.01
+    torch.testing.assert_close(freq, torch.softmax(sim, 0), atol=0.03, rtol=0)
+    # ... and the draws are reproducible from the quantizer's seed, and change with it
+    assert torch.equal(freq, _probrandom_anchor_frequencies(distance, feats, code))
+    assert not torch.equal(freq, _probrandom_anchor_frequencies(distance, feats, code, seed=1))
 
 
 def test_cvq_first_batch_anchors_once() -> None:
