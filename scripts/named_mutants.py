@@ -101,7 +101,7 @@ def run_tests(work: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
     env = dict(os.environ, PYTHONPATH=f"{work}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                          cwd=work, env=env, capture_output=True, text=True)
+                          cwd=work, env=env, capture_output=True, text=True, check=False)
     return proc.returncode == 0, time.perf_counter() - start
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(os.environ.get("MUTATION_DIR", Path(tempfile.gettempdir()) / "lgvq-named-mutants"))
     make_copy(work)
     check = subprocess.run([sys.executable, "-c", "import lgvq_plugins.backbones.vq as m; print(m.__file__)"],
-                           cwd=work, capture_output=True, text=True,
+                           cwd=work, capture_output=True, text=True, check=False,
                            env=dict(os.environ, PYTHONPATH=str(work))).stdout.strip()
     if not check.startswith(str(work)):
         sys.exit(f"the copy does not import from itself ({check!r}); is the package installed editable?")

@@ -152,11 +152,37 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     assert acc.images_seen == big.images_seen == 8
 
 
+def _record_precision(t: Trainer) -> dict[str, list]:
+    """Record, at every forward, whether autocast is on and the dtype the encoder's first
+    convolution returns, for the generator's forward and for the discriminator's objective."""
+    seen: dict[str, list] = {"encoder": [], "discriminator": []}
+    t.tokenizer.encoder[0].register_forward_hook(
+        lambda module, inputs, output: seen["encoder"].append((torch.is_autocast_enabled("cpu"), output.dtype)))
+    disc_loss = t.tokenizer.discriminator_loss
+
+    def recording_disc_loss(x, reconstruction, step):
+        out = disc_loss(x, reconstruction, step)
+        seen["discriminator"].append((torch.is_autocast_enabled("cpu"), t.tokenizer.discriminator(x).dtype))
+        return out
+
+    t.tokenizer.discriminator_loss = recording_disc_loss
+    return seen
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path):
-    t = make_trainer(tmp_path, max_steps=2, precision="bf16")
+    t = make_trainer(tmp_path, max_steps=3, precision="bf16")
+    seen = _record_precision(t)
     t.fit()
-    assert t.step == 2 and math.isfinite(t.last_train_logs["loss"])
-    assert make_trainer(tmp_path / "auto", max_steps=1).precision == "fp32"  # auto: fp32 on CPU
+    assert t.step == 3 and math.isfinite(t.last_train_logs["loss"])
+    # the convolutions really ran in bf16 under autocast, in both objectives
+    assert len(seen["encoder"]) >= 3 and len(seen["discriminator"]) == 3  # (+ the final evaluation)
+    assert set(seen["encoder"]) == set(seen["discriminator"]) == {(True, torch.bfloat16)}
+    # fp32 (what "auto" picks on CPU): autocast stays off
+    auto = make_trainer(tmp_path / "auto", max_steps=1)
+    assert auto.precision == "fp32"
+    seen = _record_precision(auto)
+    auto.fit()
+    assert set(seen["encoder"]) == set(seen["discriminator"]) == {(False, torch.float32)}
 
 
 def test_frozen_restores_requires_grad():
@@ -201,12 +227,34 @@ def test_logs_samples_and_checkpoints_are_written(tmp_path):
     assert C.latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
 
 
-def test_codebook_report_single_process(tmp_path):
+def test_codebook_report_single_process(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from lgvq_plugins.training import distributed
+
     t = make_trainer(tmp_path, max_steps=1, dump_codebooks=True)
+    codebook = t.tokenizer.quantizer.codebook.detach().float()
     report = t.codebook_report()
     assert report["codebooks_identical"] and report["codebook_max_abs_diff"] == 0.0
     assert len(report["codebook_sha256"]) == 1
-    assert (tmp_path / "codebook_rank0.safetensors").is_file()
+    assert torch.equal(load_file(tmp_path / "codebook_rank0.safetensors")["codebook"], codebook)
+
+    # Pretend to be rank 0 of two whose rank 1 holds a codebook off by 0.25 in one entry:
+    # the report must compare across ranks, not a codebook with itself.
+    def gather_two_ranks(local):
+        other = local.clone()
+        other[0, 3, 1] += 0.25
+        return torch.cat([local, other])
+
+    monkeypatch.setattr(distributed, "all_gather_cat", gather_two_ranks)
+    report = t.codebook_report()
+    assert report["codebooks_identical"] is False
+    assert report["codebook_max_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert len(report["codebook_sha256"]) == 2 and len(set(report["codebook_sha256"])) == 2
+    monkeypatch.setattr(distributed, "all_gather_cat", lambda local: torch.cat([local, local.clone()]))
+    report = t.codebook_report()
+    assert report["codebooks_identical"] is True and report["codebook_max_abs_diff"] == 0.0
+    assert len(set(report["codebook_sha256"])) == 1 and len(report["codebook_sha256"]) == 2
 
 
 def test_too_small_dataset_is_a_clear_error(tmp_path):
