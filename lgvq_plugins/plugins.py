@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lgvq_plugins.guidance.losses",
     "lgvq_plugins.data.shapes",
     "lgvq_plugins.evaluation.metrics",
+    "lgvq_plugins.tasks.plugin",
 )
 
 #: hook name → registry kind, in the order the hooks are called at load

@@ -1,0 +1,31 @@
+"""Built-in evaluation tasks and FID feature extractors (a plugin like any other).
+
+Tasks (``task`` registry; gin module ``lgvq.task``): ``reconstruction``,
+``masked_word_prediction``, ``code_word_alignment``, ``retrieval``.
+Feature extractors (``metric`` registry; gin module ``lgvq.metric``): ``inception``,
+``shapes_probe``.
+"""
+
+from __future__ import annotations
+
+from lgvq_plugins.tasks.code_word import CodeWordAlignment
+from lgvq_plugins.tasks.features import InceptionFeatures, ShapesProbe
+from lgvq_plugins.tasks.masked_words import MaskedWordPrediction
+from lgvq_plugins.tasks.reconstruction import Reconstruction
+from lgvq_plugins.tasks.retrieval import Retrieval
+
+from lgvq_plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def register_tasks(register):
+    register("reconstruction", Reconstruction)
+    register("masked_word_prediction", MaskedWordPrediction)
+    register("code_word_alignment", CodeWordAlignment)
+    register("retrieval", Retrieval)
+
+
+@hookimpl
+def register_metrics(register):
+    register("inception", InceptionFeatures)
+    register("shapes_probe", ShapesProbe)

@@ -1,0 +1,186 @@
+"""Guidance heads for the language tasks: the guided model's own, or an *alignment probe*.
+
+The language tasks (masked words, code–word alignment, retrieval) read the code–text
+transformer and the alignment heads. A guided model brings its own. An unguided tokenizer
+has none, so a fair protocol gives it the same heads — a :class:`LanguageGuided` wrapper of
+the same architecture — trained on its *frozen* codes with a fixed budget (steps, batch,
+learning rate, training split, text encoder). With ``heads="probe"`` a guided model is
+probed the same way, so base and guided codes can be compared under one protocol.
+
+The probe is trained once per (tokenizer, settings) and shared by the tasks of a run.
+Training is deterministic (seeded init and sample order) and identical on every rank (no
+collectives), so 1 and N processes probe alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+import gin
+from lgvq_plugins.evaluation.task import is_guided, model_device, tokenizer_of
+from lgvq_plugins.interfaces import TextFeatures
+
+#: alignment losses the probe trains (weight 1 each: the tokenizer is frozen, so the
+#: weights only balance the heads against one another).
+PROBE_LOSSES: dict[str, float] = {"gsa": 1.0, "mtp": 1.0, "ras": 1.0}
+
+
+@gin.configurable("alignment_probe")
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The budget of the alignment probe (gin: ``alignment_probe.steps = 300``).
+
+    Attributes:
+        steps: Adam updates of the heads.
+        batch_size: images per update.
+        lr: learning rate.
+        train_split: the split of the evaluated data set the heads are trained on (never the
+            evaluated split itself).
+        text_encoder: registered text encoder for an unguided tokenizer (a guided model's
+            own encoder is used for it).
+        width, depth, heads: code–text transformer size (None: ``LanguageGuided``'s defaults).
+        seed: seed of the heads' initialisation and the sample order.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    train_split: str = "train"
+    text_encoder: str = "minilm"
+    width: int | None = None
+    depth: int = 2
+    heads: int | None = None
+    seed: int = 0
+
+    def protocol(self) -> dict[str, Any]:
+        return {"heads": "probe (trained on frozen codes)", "steps": self.steps, "batch_size": self.batch_size,
+                "lr": self.lr, "train_split": self.train_split, "losses": dict(PROBE_LOSSES), "seed": self.seed}
+
+
+#: attribute (in the tokenizer's ``__dict__``, not a submodule: never in its state_dict)
+#: holding its trained probes, so they live exactly as long as the tokenizer.
+_PROBES_ATTR = "_lgvq_alignment_probes"
+
+
+def sibling_split(data: Dataset, split: str) -> Dataset:
+    """The ``split`` of the data set ``data`` comes from, built with ``data``'s settings
+    (constructor arguments read back from same-named attributes, ``num_samples`` left at
+    the split's default)."""
+    if getattr(data, "split", None) == split:
+        raise ValueError(f"the alignment probe would train on the evaluated split {split!r}; set "
+                         "`alignment_probe.train_split` to another split")
+    cls = type(data)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "split" not in params:
+        raise ValueError(
+            f"cannot build the {split!r} split of {cls.__name__} to train the alignment probe: its "
+            "constructor takes no `split`. Pass `probe_data=` to the task (a dataset of the same kind), "
+            "or evaluate a guided model with its own heads.")
+    kwargs = {name: getattr(data, name) for name in params
+              if name not in ("split", "num_samples") and hasattr(data, name)}
+    return cls(split=split, **kwargs)
+
+
+def guidance_heads(model: nn.Module, data: Dataset, *, heads: str = "auto", need: str,
+                   settings: ProbeSettings | None = None, probe_data: Dataset | None = None
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+    """The guided model whose heads a task uses, and the protocol entry saying which.
+
+    Args:
+        heads: ``"auto"`` (own heads when the model is guided and has the ``need`` loss,
+            else a probe), ``"own"`` (error if absent) or ``"probe"``.
+        need: the alignment loss whose head the task reads (``"mtp"``, ``"ras"``, ``"gsa"``).
+    """
+    if heads not in ("auto", "own", "probe"):
+        raise ValueError(f"heads={heads!r}: use 'auto', 'own' or 'probe'")
+    own = is_guided(model) and need in model.alignment_losses
+    if heads == "own" and not own:
+        raise ValueError(f"heads='own' but the model has no trained {need!r} head (unguided, or "
+                         f"LanguageGuided.losses[{need!r}] = 0); use heads='probe' or 'auto'")
+    if own and heads != "probe":
+        return model, {"heads": "own (trained with the tokenizer)"}
+    settings = settings or ProbeSettings()
+    tokenizer = tokenizer_of(model)
+    per_model = tokenizer.__dict__.setdefault(_PROBES_ATTR, {})
+    if settings not in per_model:
+        train = probe_data if probe_data is not None else sibling_split(data, settings.train_split)
+        encoder = model.text_encoder if is_guided(model) else settings.text_encoder
+        per_model[settings] = train_probe(tokenizer, train, settings, encoder)
+    return per_model[settings], settings.protocol()
+
+
+def train_probe(tokenizer: nn.Module, data: Dataset, settings: ProbeSettings, text_encoder: Any) -> nn.Module:
+    """A :class:`LanguageGuided` around the frozen ``tokenizer`` whose heads (code–text
+    transformer, gsa/mtp/ras heads) are trained for ``settings.steps`` updates."""
+    from lgvq_plugins.guidance.model import LanguageGuided
+
+    device = model_device(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        probe = LanguageGuided(tokenizer, text_encoder=text_encoder, losses=PROBE_LOSSES, width=settings.width,
+                               depth=settings.depth, heads=settings.heads).to(device)
+        params = list(probe.guidance_parameters())
+        opt = torch.optim.Adam(params, lr=settings.lr)
+        order = torch.Generator().manual_seed(settings.seed)
+        flags = [p.requires_grad for p in tokenizer.parameters()]
+        tokenizer.requires_grad_(False)
+        try:
+            probe.train()
+            tokenizer.eval()  # frozen codes: no re-anchoring, no EMA updates, no dropout
+            for _ in range(settings.steps):
+                idx = torch.randint(0, len(data), (settings.batch_size,), generator=order).tolist()
+                samples = [data[i] for i in idx]
+                images = torch.stack([s["image"] for s in samples]).to(device)
+                with torch.enable_grad():
+                    out = probe(images, captions=[s["caption"] for s in samples])
+                    loss = sum(out.raw_losses.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for p, flag in zip(tokenizer.parameters(), flags):
+                p.requires_grad_(flag)
+    probe.eval()
+    return probe
+
+
+@dataclass
+class HeadOutputs:
+    """What the language tasks read from one batch."""
+
+    z_q: Tensor  # (B, D, h, w)
+    hidden: Tensor  # (B, 1 + h·w, width) code–text transformer states
+    visual_tokens: Tensor  # (B, 1 + h·w, Dt)
+    text: TextFeatures
+
+
+def head_outputs(guide: nn.Module, batch: Mapping[str, Any]) -> HeadOutputs:
+    """Encode a batch's images and captions with ``guide`` (eval mode, no losses computed)."""
+    device = model_device(guide)
+    images = batch["image"].to(device)
+    z_q = guide.tokenizer.encode(images).z_q
+    hidden = guide.code_text.hidden(z_q)
+    text = guide.text_cache(list(batch["caption"]), device)
+    return HeadOutputs(z_q, hidden, guide.code_text.proj_out(hidden), text)
+
+
+def token_strings(encoder: Any, ids: list[int]) -> list[str]:
+    """Readable tokens for figures (the encoder's tokenizer when it can say, else ids)."""
+    tok = getattr(encoder, "_tokenizer", None)  # HF encoders keep their tokenizer here
+    if tok is not None and hasattr(tok, "convert_ids_to_tokens"):
+        return [str(t) for t in tok.convert_ids_to_tokens(ids)]
+    return [str(i) for i in ids]
+
+
+__all__ = ["PROBE_LOSSES", "HeadOutputs", "ProbeSettings", "guidance_heads", "head_outputs", "sibling_split",
+           "token_strings", "train_probe"]
