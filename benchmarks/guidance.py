@@ -5,14 +5,17 @@ guided), backward, Adam step over every trained parameter; with the GAN on, also
 discriminator's loss on the detached reconstruction, backward and Adam step. "GAN off"
 (before ``disc_start``) is the strictest comparison: the base step is as cheap as it gets. The text
 cache is warmed first (MiniLM), so the frozen encoder is not run during the timed steps;
-base and guided steps alternate so that other load on the machine hits both alike.
+base and guided steps alternate (which of the two goes first alternates too) so that other
+load on the machine hits both alike.
 
-    OMP_NUM_THREADS=1 python benchmarks/guidance.py                       # both geometries
-    OMP_NUM_THREADS=1 python benchmarks/guidance.py --cases quick --steps 10
+    OMP_NUM_THREADS=1 python benchmarks/guidance.py --cases quick quick-gan cvq_lg cvq_lg-gan
+    OMP_NUM_THREADS=1 python benchmarks/guidance.py --cases paper --paper-steps 10   # ~1 h on 2 CPUs
 
-Prints a markdown table (medians over the timed steps, after warm-up; wall-clock and this
-process's CPU time, which is steadier when other jobs share the cores) and the
-text-encoder calls of a cold and a warm "epoch" over the benchmark's captions.
+Prints a markdown table: medians over the timed steps (after warm-up) of wall-clock and this
+process's CPU time, which is steadier when other jobs share the cores; the guided / base
+ratio is the median of the per-pair ratios (each pair timed back to back) with their min and
+max. A ratio from fewer than 10 pairs is marked "indicative": it cannot decide a target.
+Also the text-encoder calls of a cold and a warm "epoch" over the benchmark's captions.
 """
 
 from __future__ import annotations
@@ -123,16 +126,23 @@ def run_case(case: Case, encoder, warmup: int, steps: int) -> dict:
     times_base, times_guided = [], []
     for i in range(warmup + steps):
         caps = pool[i * case.batch:(i + 1) * case.batch]
-        tb, tg = step_base(x, caps, i), step_guided(x, caps, i)
+        if i % 2 == 0:
+            tb, tg = step_base(x, caps, i), step_guided(x, caps, i)
+        else:
+            tg, tb = step_guided(x, caps, i), step_base(x, caps, i)
         if i >= warmup:
             times_base.append(tb)
             times_guided.append(tg)
     warm = cache.stats
+    wall_ratios = [g[0] / b[0] for b, g in zip(times_base, times_guided)]
+    cpu_ratios = [g[1] / b[1] for b, g in zip(times_base, times_guided)]
     return {
         "base": statistics.median(t for t, _ in times_base),
         "guided": statistics.median(t for t, _ in times_guided),
         "base_cpu": statistics.median(c for _, c in times_base),
         "guided_cpu": statistics.median(c for _, c in times_guided),
+        "ratio": (statistics.median(wall_ratios), min(wall_ratios), max(wall_ratios)),
+        "ratio_cpu": (statistics.median(cpu_ratios), min(cpu_ratios), max(cpu_ratios)),
         "params_base": n_base, "params_guided": n_guided,
         "cold_calls": cold.encoder_calls - before.encoder_calls,
         "cold_captions": cold.captions_encoded - before.captions_encoded,
@@ -145,8 +155,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["quick", "quick-gan", "cvq_lg", "cvq_lg-gan", "paper"])
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
-    parser.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper geometry")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (pairs)")
+    parser.add_argument("--paper-steps", type=int, default=2,
+                        help="timed steps for the paper geometry (~2 min each on a CPU; <10 is indicative)")
     parser.add_argument("--bindings", nargs="*", default=[],
                         help="extra gin bindings for every case, e.g. 'LanguageGuided.width = 64'")
     parser.add_argument("--threads", type=int, default=1,
@@ -155,23 +166,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     encoder = lgvq_plugins.create_text_encoder("minilm")
     print(f"{args.threads} threads, torch {torch.__version__}, text encoder {encoder.identity}; "
-          f"base and guided steps alternate; medians over timed steps after {args.warmup} warm-up\n")
+          f"base and guided steps alternate; medians over timed steps after {args.warmup} warm-up; "
+          f"ratios: median [min–max] of the per-pair ratios\n")
     if args.bindings:
         print(f"extra gin bindings: {'; '.join(args.bindings)}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
-    print("| geometry | batch | timed steps | base s/step (CPU s) | guided s/step (CPU s) | "
-          "guided / base, wall (CPU) | trained params base → guided | "
+    print("| geometry | batch | timed pairs | base s/step (CPU s) | guided s/step (CPU s) | "
+          "guided / base, wall: median [min–max] | CPU: median [min–max] | trained params base → guided | "
           "encoder calls: cold epoch (captions) / warm epoch |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name in args.cases:
         case = CASES[name]
         case = Case(case.label, case.gin_file, case.backbone, case.size, case.batch,
                     [*case.bindings, *args.bindings])
         steps = args.paper_steps if name == "paper" else args.steps
         r = run_case(case, encoder, args.warmup, steps)
-        print(f"| {case.label} | {case.batch} | {steps} | {r['base']:.2f} ({r['base_cpu']:.2f}) | "
-              f"{r['guided']:.2f} ({r['guided_cpu']:.2f}) | {r['guided'] / r['base']:.2f}× "
-              f"({r['guided_cpu'] / r['base_cpu']:.2f}×) | "
+        note = "" if steps >= 10 else " (indicative)"
+        (w, w0, w1), (c, c0, c1) = r["ratio"], r["ratio_cpu"]
+        print(f"| {case.label} | {case.batch} | {steps}{note} | {r['base']:.2f} ({r['base_cpu']:.2f}) | "
+              f"{r['guided']:.2f} ({r['guided_cpu']:.2f}) | {w:.2f}× [{w0:.2f}–{w1:.2f}] | "
+              f"{c:.2f}× [{c0:.2f}–{c1:.2f}] | "
               f"{r['params_base'] / 1e6:.2f} M → {r['params_guided'] / 1e6:.2f} M | "
               f"{r['cold_calls']} ({r['cold_captions']} of {r['captions']}) / {r['warm_calls']} |", flush=True)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")

@@ -2,8 +2,9 @@
 # Mutation testing of the core modules with mutmut 2.5 (see docs/testing.md).
 #
 #   scripts/mutation.sh                 # every group below (hours on a laptop)
-#   scripts/mutation.sh quantizers      # one or more groups by name
-#   MUTATION_DIR=/tmp/mut scripts/mutation.sh search   # choose the scratch copy
+#   scripts/mutation.sh search vq cvq   # one or more groups by name, one after the other
+#   MUTATION_DIR=/tmp/mut-cvq scripts/mutation.sh cvq &   # groups in parallel: one scratch
+#                                                         # copy (MUTATION_DIR) per process
 #
 # Why a copy: mutmut 2 rewrites the source file in place for every mutant. Running it in
 # your checkout would hand half-mutated modules to anything else that imports the package
@@ -28,15 +29,17 @@ python="${PYTHON:-python}"
 declare -A FILES TESTS
 FILES[search]="backbones/quant_search.py"
 TESTS[search]="tests/test_quantizers.py"
-FILES[quantizers]="backbones/vq.py,backbones/cvq.py,backbones/quant_base.py"
-TESTS[quantizers]="tests/test_quantizers.py"
+FILES[vq]="backbones/vq.py,backbones/quant_base.py"
+TESTS[vq]="tests/test_quantizers.py"
+FILES[cvq]="backbones/cvq.py"
+TESTS[cvq]="tests/test_quantizers.py"
 FILES[losses]="lgvq_plugins/guidance/losses.py,lgvq_plugins/guidance/masking.py"
 TESTS[losses]="tests/test_losses.py tests/test_guidance.py"
 FILES[checkpoints]="lgvq_plugins/training/checkpoint.py,lgvq_plugins/training/trainer_resume.py"
 TESTS[checkpoints]="tests/test_checkpoint.py tests/test_trainer.py"
 FILES[cache]="lgvq_plugins/text/cache.py"
 TESTS[cache]="tests/test_text_cache.py"
-ORDER=(search quantizers losses checkpoints cache)
+ORDER=(search vq cvq losses checkpoints cache)
 
 groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=("${ORDER[@]}")
