@@ -34,7 +34,9 @@ from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import AlignmentLoss, GuidableTokenizer, GuidedOutput, TextEncoder
 from lgvq_plugins.text.cache import TextFeatureCache
 
-#: Loss weights of the reference (CelebA-HQ, TextCaps; CUB uses 0.001 for all three).
+#: Loss weights of the reference (CelebA-HQ, TextCaps; CUB uses 0.001 for all three). Its ras
+#: weight assumes ``ras.reduction = 'reference'``; under the default ``'real_words'`` the same
+#: weight is B·L²/#pairs times stronger (see ``RelationshipAlignment``).
 REFERENCE_LOSS_WEIGHTS: dict[str, float] = {"gsa": 0.001, "mtp": 0.01, "ras": 0.0001}
 
 #: keys of a tokenizer's ``config`` that may hold the training image size.
