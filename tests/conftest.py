@@ -1,4 +1,6 @@
-"""Shared fixtures: a clean gin state around every test, and a way to reload plugins."""
+"""Shared fixtures: a clean gin state around every test, a way to reload plugins, and the
+``requires_vqtorch`` marker (tests that use the example plugin's quantizers skip, saying
+why, when it is not installed)."""
 
 from __future__ import annotations
 
@@ -29,3 +31,23 @@ def fresh_plugins(monkeypatch):
     yield lgvq_plugins
     monkeypatch.undo()  # environment first, so the reload below sees the normal setup
     lgvq_plugins.reset_plugins()
+
+
+def _vqtorch_missing() -> str | None:
+    """Why the example plugin (examples/lgvq-vqtorch) cannot be used, or None."""
+    try:
+        import lgvq_vqtorch.plugin  # noqa: F401
+        import vector_quantize_pytorch  # noqa: F401
+    except ImportError as exc:
+        return (f"needs the example plugin lgvq-vqtorch and vector-quantize-pytorch ({exc}); "
+                "pip install -e examples/lgvq-vqtorch (.ci/run does)")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _vqtorch_missing()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("requires_vqtorch") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -212,6 +212,7 @@ def test_adaptive_weight_hand_computed() -> None:
     assert w.grad is None  # measured with autograd.grad, nothing accumulated
 
 
+@pytest.mark.requires_vqtorch
 def test_adaptive_weight_in_vqgan_matches_gradient_ratio() -> None:
     model = make("vqgan", "vqtorch_vq", disc_weight=0.7)
     x = images()
@@ -249,6 +250,7 @@ def test_autocast_bf16(quantizer: str) -> None:
     out.loss.backward()
 
 
+@pytest.mark.requires_vqtorch
 def test_attention_placement_and_last_layer() -> None:
     """attn_resolutions refers to feature-map sides for ``resolution``-sized inputs; the
     middle block always attends in VQ-GAN and never in VQ-VAE."""
@@ -264,6 +266,7 @@ def test_attention_placement_and_last_layer() -> None:
     assert vqvae.last_layer is vqvae.decoder.conv_out.weight and vqvae.last_layer.shape[0] == 3
 
 
+@pytest.mark.requires_vqtorch
 def test_vqvae_has_no_gan() -> None:
     model = make("vqvae", "vqtorch_vq")
     x = images()
@@ -336,6 +339,7 @@ def test_gin_blocks_build_quick_start(block: str, backbone: str, quantizer: str)
     assert rebuilt.load_state_dict(model.state_dict()).missing_keys == []
 
 
+@pytest.mark.requires_vqtorch
 def test_config_records_gin_bindings() -> None:
     _parse([], ["vqgan.ch = 8", "vqgan.ch_mult = (1, 2)", "vqgan.num_res_blocks = 0",
                 "vqgan.attn_resolutions = ()", "vqgan.quantizer = 'vqtorch_vq'",
@@ -372,6 +376,7 @@ class _ConfiglessQuantizer(nn.Module):
         return self.inner.embed(indices)
 
 
+@pytest.mark.requires_vqtorch
 def test_config_of_a_quantizer_without_config_comes_from_gin() -> None:
     lgvq_plugins.register_quantizer("configless_test_q")(_ConfiglessQuantizer)
     try:
@@ -386,6 +391,7 @@ def test_config_of_a_quantizer_without_config_comes_from_gin() -> None:
         lgvq_plugins.registry("quantizer").remove("configless_test_q")
 
 
+@pytest.mark.requires_vqtorch
 def test_quantizer_factory_and_errors() -> None:
     factory = lgvq_plugins.registry("quantizer").get("vqtorch_vq")
     kwargs = tiny_kwargs("vqvae", "vqtorch_vq")
@@ -421,6 +427,7 @@ def test_quantizer_factory_and_errors() -> None:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.requires_vqtorch
 def test_registered_backbone_is_picked_up() -> None:
     class TinyAE(VQTokenizer):
         def __init__(self, quantizer: str = "vqtorch_vq", quantizer_config: dict | None = None,
@@ -465,6 +472,7 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_network)
 
 
+@pytest.mark.requires_vqtorch
 def test_lpips_without_weights_raises_a_clear_error(monkeypatch, tmp_path) -> None:
     _offline_hub(monkeypatch, tmp_path)
     with pytest.raises(PerceptualWeightsError) as info:
@@ -480,6 +488,7 @@ def test_lpips_without_weights_raises_a_clear_error(monkeypatch, tmp_path) -> No
         LPIPS("alex", backbone_weights=str(tmp_path / "partial.pth"))
 
 
+@pytest.mark.requires_vqtorch
 def test_lpips_with_local_backbone_weights(tmp_path) -> None:
     import torchvision
 

@@ -33,8 +33,11 @@ def test_histogram_and_stats_hand_computed():
 
 def test_quantizers_metric_and_example_plugin_agree():
     """Every user of the numbers gets them from codebook_stats (changing it changes all)."""
+    from lgvq_plugins.backbones import quant_base
     from lgvq_plugins.backbones.quant_base import usage_stats
+    from lgvq_plugins.evaluation import metrics
 
+    assert quant_base.codebook_stats is codebook_stats and metrics.codebook_stats is codebook_stats
     stats = usage_stats(code_histogram(INDICES, 4).float())
     metric = CodebookUsage(num_codes=4)
     metric.update(INDICES)
@@ -44,8 +47,13 @@ def test_quantizers_metric_and_example_plugin_agree():
         assert result["perplexity"].item() == pytest.approx(PERPLEXITY, rel=1e-6)
     with pytest.raises(ValueError, match="codebook_usage: .*num_codes"):
         metric.update(torch.tensor([-1]))
-    pytest.importorskip("vector_quantize_pytorch", reason="the example plugin wraps vector-quantize-pytorch")
-    plugin = pytest.importorskip("lgvq_vqtorch.plugin", reason="pip install -e examples/lgvq-vqtorch")
+
+
+@pytest.mark.requires_vqtorch
+def test_example_plugin_uses_the_same_function():
+    import lgvq_vqtorch.plugin as plugin
+
+    assert plugin.codebook_stats is codebook_stats and plugin.code_histogram is code_histogram
     example = plugin._usage_stats(INDICES, 4)
     assert example["usage"].item() == pytest.approx(0.75)
     assert example["perplexity"].item() == pytest.approx(PERPLEXITY, rel=1e-6)

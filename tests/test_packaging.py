@@ -69,3 +69,88 @@ def test_source_checkout_on_sys_path_finds_mapped_subpackages(tmp_path):
     backbones_file, tasks_file = out.split()
     assert Path(backbones_file) == REPO / "backbones" / "__init__.py"
     assert Path(tasks_file) == REPO / "tasks" / "__init__.py"
+
+
+# ---------------------------------------------------------------------------------------
+# Private APIs of dependencies: pinned in pyproject.toml, checked here
+# ---------------------------------------------------------------------------------------
+# No public replacement exists for these (docs/plugins.md and the comments at each use say
+# why), so pyproject.toml caps each dependency at the versions tested, and these tests fail
+# with a message naming the API and the pin when an installed version changes them.
+
+
+def _pin(distribution: str):
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        if req.name.replace("_", "-").lower() == distribution:
+            return req.specifier
+    raise AssertionError(f"{distribution} is not a dependency in pyproject.toml")
+
+
+def _check(distribution: str, api: str, ok: bool) -> None:
+    import importlib.metadata as metadata
+
+    version = metadata.version(distribution)
+    pin = _pin(distribution)
+    assert pin.contains(version, prereleases=True), (
+        f"{distribution} {version} is outside the range pyproject.toml pins ({pin}) because "
+        f"lgvq-plugins uses its private {api}; check that API, then move the pin")
+    assert ok, (f"{distribution} {version} changed its private {api}, which lgvq-plugins uses "
+                f"(pinned {pin} in pyproject.toml): adapt the call site, then the pin")
+
+
+def test_gin_private_registry_is_as_pinned():
+    from gin import config as gin_config
+
+    table = getattr(gin_config, "_REGISTRY", None)
+    ok = table is not None and all(hasattr(table, m) for m in ("get", "pop", "__setitem__", "__contains__"))
+    if ok:  # records carry the wrapped factory (registry.py restores records by it)
+        ok = "wrapped" in getattr(gin_config, "Configurable")._fields
+    _check("gin-config", "gin.config._REGISTRY (a SelectorMap of Configurable records)", ok)
+
+
+def test_torchmetrics_private_lpips_network_is_as_pinned():
+    import inspect
+
+    import torch
+
+    try:
+        from torchmetrics.functional.image.lpips import _NoTrainLpips
+    except ImportError:
+        _check("torchmetrics", "torchmetrics.functional.image.lpips._NoTrainLpips", False)
+    params = inspect.signature(_NoTrainLpips).parameters
+    ok = {"net", "pretrained", "pnet_rand", "model_path"} <= set(params)
+    if ok:  # random backbone, shipped linear heads: nothing to download
+        net = _NoTrainLpips(net="squeeze", pretrained=True, pnet_rand=True)
+        names = list(net.net.state_dict())
+        ok = any(n.startswith("slices.") for n in names)  # perceptual.py maps weights by these names
+        x = torch.zeros(1, 3, 32, 32)
+        ok = ok and net(x, x).numel() == 1
+    _check("torchmetrics", "_NoTrainLpips(net, pretrained, pnet_rand, model_path) and its slices", ok)
+
+
+def test_ddp_private_ignore_list_is_as_pinned():
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    method = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    ok = method is not None and list(inspect.signature(method).parameters) == ["module", "params_and_buffers_to_ignore"]
+    _check("torch", "DistributedDataParallel._set_params_and_buffers_to_ignore_for_model", ok)
+
+
+def test_open_clip_private_text_tower_builder_is_as_pinned():
+    import inspect
+
+    try:
+        from open_clip.model import _build_text_tower
+    except ImportError:
+        _check("open-clip-torch", "open_clip.model._build_text_tower", False)
+    ok = list(inspect.signature(_build_text_tower).parameters)[:4] == ["embed_dim", "text_cfg", "quick_gelu",
+                                                                       "cast_dtype"]
+    _check("open-clip-torch", "open_clip.model._build_text_tower(embed_dim, text_cfg, quick_gelu, cast_dtype)", ok)

@@ -343,8 +343,9 @@ def test_plugin_failing_half_way_is_rolled_back_with_what_it_replaced(installs):
     assert type(model.quantizer).__name__ == "VectorQuantizer" and model.quantizer.beta == 0.125
 
 
-def test_in_process_override_wins_and_unregistering_restores_the_built_in(fresh_plugins):
+def test_in_process_override_wins_and_unregistering_restores_the_built_in(fresh_plugins, capsys):
     from lgvq_plugins.backbones.vq import VectorQuantizer
+    from lgvq_plugins.cli import main
 
     class Override:
         @hookspecs.hookimpl
@@ -356,6 +357,9 @@ def test_in_process_override_wins_and_unregistering_restores_the_built_in(fresh_
     try:
         assert isinstance(lgvq_plugins.create_quantizer("vq", dim=4), _FakeVQ)
         assert isinstance(_tiny_vqvae().quantizer, _FakeVQ)
+        main(["plugins"])  # the listing says who is in effect
+        out = capsys.readouterr().out
+        assert "quantizer: vq (replaced by plugin 'override-vq'" in out
     finally:
         host.unregister_plugin(name)
     assert lgvq_plugins.registry("quantizer").entry("vq").original is VectorQuantizer
