@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from fakes import CAPTIONS, FakeTextEncoder, FakeTokenizer
 from torch.utils.data import Dataset
 
-from fakes import CAPTIONS, FakeTextEncoder, FakeTokenizer
 from lgvq_plugins.guidance import LanguageGuided
 from lgvq_plugins.guidance.inputs import check_captions, check_images
 from lgvq_plugins.training.batch_checks import collate_samples, drop_bad_samples
@@ -122,8 +122,8 @@ class Squares(Dataset):
 
 
 def _trainer(tmp_path, data: Dataset, enabled: bool = True, **kwargs) -> Trainer:
-    settings = dict(max_steps=3, batch_size=4, val_every=0, ckpt_every=0, log_every=1, progress=False,
-                    tensorboard=False, base_lr=1e-3, scale_lr=False, device="cpu")
+    settings = {"max_steps": 3, "batch_size": 4, "val_every": 0, "ckpt_every": 0, "log_every": 1,
+                "progress": False, "tensorboard": False, "base_lr": 1e-3, "scale_lr": False, "device": "cpu"}
     return Trainer(_guided(enabled=enabled), data, None, out_dir=tmp_path, **{**settings, **kwargs})
 
 

@@ -8,13 +8,24 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeTextEncoder
 from torch import nn
 
-from fakes import FakeTextEncoder
+from lgvq_plugins.guidance.losses import (
+    GlobalSemanticAlignment,
+    MaskedTextPrediction,
+    RelationshipAlignment,
+    info_nce,
+    ras_strength_factor,
+    relationship_alignment,
+)
+from lgvq_plugins.guidance.masking import (
+    MaskingRule,
+    eligible_tokens,
+    mask_k_per_caption,
+    sample_mlm_mask,
+)
 from lgvq_plugins.interfaces import GuidedOutput, Quantized, TextFeatures, TextTokens
-from lgvq_plugins.guidance.losses import (GlobalSemanticAlignment, MaskedTextPrediction, RelationshipAlignment,
-                                          info_nce, ras_strength_factor, relationship_alignment)
-from lgvq_plugins.guidance.masking import MaskingRule, eligible_tokens, mask_k_per_caption, sample_mlm_mask
 
 
 def _cos(a: list[float], b: list[float]) -> float:
@@ -140,8 +151,8 @@ def test_masks_never_touch_special_or_padding():
 
 def _truncnorm_mean(mu: float, sigma: float, low: float, high: float) -> float:
     """Mean of N(mu, sigma²) conditioned on [low, high] (closed form)."""
-    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
     a, b = (low - mu) / sigma, (high - mu) / sigma
     return mu + sigma * (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))
 

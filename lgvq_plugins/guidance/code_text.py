@@ -71,7 +71,8 @@ class CodeTextTransformer(nn.Module):
         self.global_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + h * w, width))
         norm = partial(nn.LayerNorm, eps=LN_EPS)
-        from timm.models.vision_transformer import Block  # imported here: timm is slow to import
+        # imported here: timm is slow to import
+        from timm.models.vision_transformer import Block
 
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout,
@@ -292,5 +293,13 @@ def head_init_(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["Attention", "CodeTextTransformer", "DecoderLayer", "TextDecoder", "MLMHead", "LN_EPS", "ACTIVATIONS",
-           "head_init_"]
+__all__ = [
+    "ACTIVATIONS",
+    "LN_EPS",
+    "Attention",
+    "CodeTextTransformer",
+    "DecoderLayer",
+    "MLMHead",
+    "TextDecoder",
+    "head_init_",
+]

@@ -13,7 +13,8 @@ tree), ``guide.visual_width`` (Dt of the visual tokens), ``guide.code_dim`` (D o
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lgvq_plugins.guidance.code_text import LN_EPS, MLMHead, TextDecoder
-from lgvq_plugins.training.distributed import all_gather_cat, all_gather_cat_with_grad, rank
+from lgvq_plugins.guidance.masking import MaskingRule, sample_mlm_mask
 from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.interfaces import GuidedOutput, TextFeatures
-from lgvq_plugins.guidance.masking import MaskingRule, sample_mlm_mask
+from lgvq_plugins.training.distributed import (
+    all_gather_cat,
+    all_gather_cat_with_grad,
+    rank,
+)
 
 #: epsilon of every L2 normalisation (the reference divides by bare norms: trap §2.3).
 NORM_EPS = 1e-6
@@ -364,5 +369,12 @@ def register_alignment_losses(register):
     register("ras", RelationshipAlignment)
 
 
-__all__ = ["GlobalSemanticAlignment", "MaskedTextPrediction", "RelationshipAlignment", "info_nce",
-           "relationship_alignment", "ras_strength_factor", "NORM_EPS"]
+__all__ = [
+    "NORM_EPS",
+    "GlobalSemanticAlignment",
+    "MaskedTextPrediction",
+    "RelationshipAlignment",
+    "info_nce",
+    "ras_strength_factor",
+    "relationship_alignment",
+]

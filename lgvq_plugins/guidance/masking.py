@@ -98,4 +98,4 @@ def mask_k_per_caption(tokens: TextTokens, k: int, generator: torch.Generator | 
     return (mask & eligible).to(tokens.ids.device)
 
 
-__all__ = ["MaskingRule", "eligible_tokens", "sample_mlm_mask", "mask_k_per_caption"]
+__all__ = ["MaskingRule", "eligible_tokens", "mask_k_per_caption", "sample_mlm_mask"]

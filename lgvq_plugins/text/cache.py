@@ -238,7 +238,7 @@ class TextFeatureCache:
             self._stats.shards_written += 1
         return path
 
-    def __enter__(self) -> TextFeatureCache:
+    def __enter__(self) -> TextFeatureCache:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

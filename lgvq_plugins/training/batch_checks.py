@@ -12,7 +12,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from lgvq_plugins.guidance.inputs import bad_captions, dataset_indices, describe_positions
+from lgvq_plugins.guidance.inputs import (
+    bad_captions,
+    dataset_indices,
+    describe_positions,
+)
 from lgvq_plugins.training import distributed as D
 
 #: sample fields collated as plain lists whatever their values (None, numbers, strings):
