@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "lgvq_plugins.text.plugin",
     "lgvq_plugins.guidance.losses",
     "lgvq_plugins.data.shapes",
+    "lgvq_plugins.data.plugin",
     "lgvq_plugins.evaluation.metrics",
     "lgvq_plugins.tasks.plugin",
 )

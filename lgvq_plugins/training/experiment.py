@@ -296,6 +296,11 @@ class Experiment:
             "config_hash": trainer.config_hash,
             "gin_config_hash": config_identity(gin.config_str(), RESULT_NEUTRAL_SETTINGS)[0],
         }
+        # Bad files skipped and images converted to RGB by the real-data readers (data/captioned.py).
+        reports = {split: data.data_report() for split, data in (("train", trainer.train_data),
+                   ("val", trainer.val_data)) if hasattr(data, "data_report")}
+        if reports:
+            metrics["data"] = reports
         task_data = api.create_dataset(self.dataset, split=self.task_split) if self.tasks or self.report else None
         if self.tasks:  # every rank runs the tasks (each takes its rank::world shard)
             from lgvq_plugins.evaluation.task import run_tasks

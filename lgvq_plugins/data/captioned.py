@@ -1,0 +1,229 @@
+"""The shared body of the real-data readers: a list of (image file, captions, extras)
+records read from a data set's own layout, checked, split, decoded and transformed.
+
+A reader subclasses :class:`CaptionedImages` and implements :meth:`read_records` (and sets
+``NAME`` and ``LAYOUT``). Everything else is here: the root check (a wrong root shows the
+expected layout), bad-file handling (:mod:`lgvq_plugins.data.bad_samples`), the paper's
+transforms (:mod:`lgvq_plugins.data.transforms`) and the sample dict::
+
+    {"image": float32 (3, size, size) in [-1, 1], "caption": str, "index": int, **extras}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, ProblemTally
+from lgvq_plugins.data.images import load_rgb, read_header
+from lgvq_plugins.data.transforms import PaperTransform, choose_caption
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT_FRACTIONS = (0.9, 0.05, 0.05)
+
+
+@dataclass
+class Record:
+    """One image and its captions. ``extras`` go into the sample as they are (they must
+    collate: numbers, strings, tensors of one shape)."""
+
+    image: Path
+    captions: list[str]
+    extras: dict[str, Any] = field(default_factory=dict)
+    mode: str | None = None  # PIL mode from the header check, when done
+
+
+def hash_split(key: str, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS) -> str:
+    """The split of ``key`` (an image's path relative to the root) from a stable hash:
+    the same on every machine and Python run, and all captions of an image go together."""
+    bucket = (zlib.crc32(key.replace(os.sep, "/").encode("utf-8")) % 10000) / 10000.0
+    edge = 0.0
+    for name, share in zip(SPLITS, fractions):
+        edge += share
+        if bucket < edge:
+            return name
+    return SPLITS[-1]
+
+
+def clean_captions(captions: Iterable[Any]) -> list[str]:
+    """Strings stripped of surrounding white space; empty ones dropped."""
+    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+
+
+class CaptionedImages(Dataset):
+    """Base class of the image–caption readers (see the module docstring).
+
+    Args:
+        root: the data set's folder, laid out as ``LAYOUT`` shows.
+        split: ``"train"``, ``"val"`` or ``"test"`` (readers may accept others).
+        size: output side in pixels (the run's resolution).
+        skip_bad_samples: skip bad files (counted, warned about, reported by
+            :meth:`data_report`) instead of raising :class:`BadSampleError`.
+        min_image_side: images smaller than this on either side are bad (``tiny_image``).
+        check_images: read every image's header when built (finds missing, corrupt and tiny
+            files and the ones to convert before training starts; a thread pool reads them).
+            ``False`` only checks that files exist and leaves the rest to loading.
+        flip: random horizontal flips in training (never when the caption names a side).
+        seed: caption choice in training (with the epoch).
+        num_samples: keep only the first ``num_samples`` records of the split (``None``: all).
+    """
+
+    NAME = "captioned"
+    LAYOUT = ""
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", size: int = 256, *,
+                 skip_bad_samples: bool = False, min_image_side: int = 32, check_images: bool = True,
+                 flip: bool = True, seed: int = 0, num_samples: int | None = None):
+        self.root = self.check_root(root)
+        self.split, self.size, self.seed = str(split), int(size), int(seed)
+        self.skip_bad_samples, self.min_image_side = bool(skip_bad_samples), int(min_image_side)
+        self.train = self.split == "train"
+        self.transform = PaperTransform(self.size, train=self.train, flip=flip)
+        self.problems = ProblemTally(self.NAME)
+        self.epoch = 0
+        records: list[Record] = []
+        for item in self.read_records(self.root, self.split):
+            if isinstance(item, BadSampleError):
+                self._bad(item)
+            elif not item.captions:
+                self._bad(BadSampleError(self.NAME, item.image, "no_caption"))
+            else:
+                records.append(item)
+        if num_samples is not None:
+            records = records[:int(num_samples)]
+        self.records = self._check_files(records, check_images)
+        if not self.records:
+            raise ValueError(f"{self.NAME}: no usable samples in split {self.split!r} under {self.root}"
+                             f"{self._skipped_note()}.\nExpected layout:\n{self.LAYOUT}")
+        self._known_bad: set[int] = set()
+
+    # -- for readers ----------------------------------------------------------------------
+    def read_records(self, root: Path, split: str) -> Iterable[Record | BadSampleError]:
+        """Yield the split's records (image path absolute) or the errors met reading them."""
+        raise NotImplementedError
+
+    @classmethod
+    def layout_error(cls, root: Path, missing: str) -> FileNotFoundError:
+        return FileNotFoundError(f"{cls.NAME}: {missing} under root {root}. Expected layout:\n{cls.LAYOUT}\n"
+                                 f"Set `{cls.NAME}.root` to the folder that holds it (see docs/data.md).")
+
+    @classmethod
+    def check_root(cls, root: str | os.PathLike) -> Path:
+        if root is None or str(root) == "":
+            raise cls.layout_error(Path("<unset>"), "no root given")
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise cls.layout_error(path, "the root folder does not exist")
+        return path
+
+    @classmethod
+    def require(cls, root: Path, *candidates: str) -> Path:
+        """The first of ``candidates`` (relative paths) that exists, else a layout error."""
+        for c in candidates:
+            if (root / c).exists():
+                return root / c
+        raise cls.layout_error(root, " or ".join(repr(c) for c in candidates) + " not found")
+
+    # -- bad files ------------------------------------------------------------------------
+    def _bad(self, err: BadSampleError) -> None:
+        if not self.skip_bad_samples:
+            raise err
+        self.problems.add_error(err)
+
+    def _skipped_note(self) -> str:
+        return f" ({self.problems.skipped} bad files skipped)" if self.problems.skipped else ""
+
+    def _check_files(self, records: list[Record], check_images: bool) -> list[Record]:
+        def check(rec: Record) -> Record | BadSampleError:
+            try:
+                if check_images:
+                    rec.mode = read_header(rec.image, self.NAME, self.min_image_side).mode
+                elif not rec.image.is_file():
+                    raise BadSampleError(self.NAME, rec.image, "missing_image")
+            except BadSampleError as err:
+                return err
+            return rec
+
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+            checked = list(pool.map(check, records, chunksize=64))
+        kept = []
+        for item in checked:  # in order, so the first bad file is the one reported
+            if isinstance(item, BadSampleError):
+                self._bad(item)
+                continue
+            if item.mode is not None and item.mode != "RGB":
+                self.problems.add(CONVERTED, item.image, f"mode {item.mode}")
+            kept.append(item)
+        return kept
+
+    # -- samples --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Which caption training samples use this epoch."""
+        self.epoch = int(epoch)
+
+    def captions(self, index: int) -> list[str]:
+        """Every caption of sample ``index``."""
+        return list(self.records[index].captions)
+
+    def all_captions(self) -> list[str]:
+        """Every caption of the split, each once (for ``lgvq cache-text``)."""
+        return list(dict.fromkeys(c for r in self.records for c in r.captions))
+
+    def load_image(self, index: int):
+        rec = self.records[index]
+        return load_rgb(rec.image, self.NAME, rec.mode)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if index < 0:
+            index += len(self.records)
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"{self.NAME}[{self.split}]: index {index} out of range 0..{len(self.records) - 1}")
+        for offset in range(len(self.records)):
+            # A bad file found only now (truncated, corrupt payload): skip to the next good
+            # record, deterministically, so every worker and rank makes the same choice.
+            j = (index + offset) % len(self.records)
+            if j in self._known_bad:
+                continue
+            try:
+                image = self.load_image(j)
+            except BadSampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self._known_bad.add(j)
+                self.problems.add_error(err)
+                continue
+            return self.make_sample(j, image)
+        raise ValueError(f"{self.NAME}[{self.split}]: every image failed to load{self._skipped_note()}")
+
+    def make_sample(self, index: int, image) -> dict[str, Any]:
+        rec = self.records[index]
+        caption = choose_caption(rec.captions, self.train, self.seed, index, self.epoch)
+        pixels, _ = self.transform(image, caption)
+        return {"image": pixels, "caption": caption, "index": index, **rec.extras}
+
+    def data_report(self) -> dict[str, Any]:
+        """JSON-ready counts for ``metrics.json``: samples kept, files skipped by kind (those
+        found while loading only as far as this process saw them), images converted to RGB."""
+        return {"dataset": self.NAME, "split": self.split, "samples": len(self.records),
+                **self.problems.report()}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, size={self.size}, "
+                f"samples={len(self.records)}{self._skipped_note()})")
+
+
+__all__ = ["DEFAULT_SPLIT_FRACTIONS", "SPLITS", "CaptionedImages", "Record", "clean_captions", "hash_split"]
