@@ -168,3 +168,15 @@ def test_guidance_off_trains_on_a_dataset_without_captions(tmp_path):
     assert summary["steps"] == 2.0
     with pytest.raises(ValueError, match="got no captions"):  # guidance on still needs them
         _trainer(tmp_path / "on", Squares(size=8, captions=False), max_steps=1).fit()
+
+
+@pytest.mark.ddp
+def test_skip_bad_samples_keeps_ranks_equal_under_ddp():
+    """2 gloo processes with 1 and 2 bad captions: both keep 2 good samples, 3 counted."""
+    from pathlib import Path
+
+    from ddp import torchrun
+
+    script = Path(__file__).resolve().parent / "scripts" / "skip_bad_ddp_worker.py"
+    proc = torchrun([str(script)], nproc=2, timeout=120)
+    assert "rank 0: skip ddp ok" in proc.stdout and "rank 1: skip ddp ok" in proc.stdout
