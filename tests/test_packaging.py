@@ -4,6 +4,7 @@ tasks/ under lgvq_plugins; a source checkout on sys.path finds the same subpacka
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,10 +25,21 @@ def _python(code: str, cwd: Path, pythonpath: list[str], *flags: str) -> str:
 
 @pytest.fixture(scope="module")
 def installed_copy(tmp_path_factory) -> Path:
-    """Build a wheel of this checkout and install it (no dependencies) into a folder."""
+    """Build a wheel of this checkout and install it (no dependencies) into a folder.
+
+    The build runs on a copy of the sources: setuptools reuses a ``build/`` folder in the
+    tree it builds, and a stale one would ship files that were renamed or deleted since.
+    """
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for folder in ("lgvq_plugins", "backbones", "tasks", "gin"):
+        shutil.copytree(REPO / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp / "dist"), str(REPO)], check=True, capture_output=True,
+                    "-q", "-w", str(tmp / "dist"), str(source)], check=True, capture_output=True,
                    timeout=300)
     wheel = next((tmp / "dist").glob("lgvq_plugins-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
@@ -110,7 +122,8 @@ def test_gin_private_registry_is_as_pinned():
     table = getattr(gin_config, "_REGISTRY", None)
     ok = table is not None and all(hasattr(table, m) for m in ("get", "pop", "__setitem__", "__contains__"))
     if ok:  # records carry the wrapped factory (registry.py restores records by it)
-        ok = "wrapped" in getattr(gin_config, "Configurable")._fields
+        record = getattr(gin_config, "Configurable", None)
+        ok = record is not None and "wrapped" in record._fields
     _check("gin-config", "gin.config._REGISTRY (a SelectorMap of Configurable records)", ok)
 
 
