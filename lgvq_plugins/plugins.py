@@ -231,7 +231,7 @@ class PluginHost:
         source = _describe(info)
 
         def register(name: str, factory: Callable[..., Any], exist_ok: bool = False) -> Callable[..., Any]:
-            """Register ``factory`` as the ``{kind}`` ``name`` (see lgvq_plugins.hookspecs)."""
+            """Register ``factory`` under ``name`` (see lgvq_plugins.hookspecs)."""
             wrapped = registry.add(name, factory, source=source, exist_ok=exist_ok, origin=origin,
                                    owner=info.name)
             info.registered.setdefault(kind, []).append(name)
