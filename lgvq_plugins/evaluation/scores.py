@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -52,8 +53,10 @@ def fid_kid_from_features(real: Tensor, fake: Tensor, *, kid_subsets: int = 100,
     fid.update(fake, real=False)
     out: dict[str, float | None] = {"fid": float(fid.compute())}
     size = min(int(kid_subset_size), real.shape[0], fake.shape[0])
-    kid = KernelInceptionDistance(feature=_Identity(dim), subsets=kid_subsets, subset_size=size,
-                                  sync_on_compute=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "KID keeps all features in memory": we pass features
+        kid = KernelInceptionDistance(feature=_Identity(dim), subsets=kid_subsets, subset_size=size,
+                                      sync_on_compute=False)
     kid.update(real, real=True)
     kid.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):  # KID samples subsets with the global RNG
