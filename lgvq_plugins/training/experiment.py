@@ -45,6 +45,8 @@ RUN_ONLY_SETTINGS: tuple[str, ...] = (
     "Trainer.ckpt_every", "Trainer.keep_last", "Trainer.progress", "Trainer.tensorboard",
     "Trainer.num_workers", "Trainer.num_samples", "Trainer.device", "Trainer.dump_codebooks",
     "LanguageGuided.cache_dir", "Experiment.tasks", "Experiment.task_split", "Experiment.report",
+    # the text cache's memory bound changes speed, never a number
+    "TextFeatureCache.max_memory_mb", "TextFeatureCache.max_memory_rows", "TextFeatureCache.flush_every",
 )
 
 #: settings that do not change a run's numbers: two runs whose parsed gin configs differ only
@@ -55,6 +57,8 @@ RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "Experiment.task_split", "Experiment.report", "Trainer.log_every", "Trainer.ckpt_every",
     "Trainer.keep_last", "Trainer.progress", "Trainer.tensorboard", "Trainer.num_workers",
     "Trainer.device", "LanguageGuided.cache_dir",
+    # the text cache's memory bound changes speed, never a number
+    "TextFeatureCache.max_memory_mb", "TextFeatureCache.max_memory_rows", "TextFeatureCache.flush_every",
 )
 
 
