@@ -108,29 +108,38 @@ class ShardReader:
         for name, entry in header.items():
             begin, end = entry["data_offsets"]
             self.entries[name] = (_DTYPES[entry["dtype"]], list(entry["shape"]), begin, end)
-        self._file = open(path, "rb")  # noqa: SIM115 - kept open for the reader's lifetime
 
-    def _read(self, offset: int, length: int) -> bytearray:
+    def _read(self, fd: int, offset: int, length: int) -> bytearray:
         data = bytearray(length)
         view, done = memoryview(data), 0
         while done < length:  # pread may return less than asked
-            chunk = os.pread(self._file.fileno(), length - done, self.data_start + offset + done)
+            chunk = os.pread(fd, length - done, self.data_start + offset + done)
             if not chunk:
                 raise OSError(f"{self.path}: unexpected end of file")
             view[done:done + len(chunk)] = chunk
             done += len(chunk)
         return data
 
+    # The file is opened per read, not kept open: a large cache with a small memory bound
+    # has thousands of shards, more than a process may hold open.
     def tensor(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
-        return _from_bytes(self._read(begin, end - begin), dtype, shape)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return _from_bytes(self._read(fd, begin, end - begin), dtype, shape)
+        finally:
+            os.close(fd)
 
     def row(self, index: int) -> Row:
         parts = []
-        for name in TENSORS:
-            dtype, shape, begin, end = self.entries[name]
-            per_row = (end - begin) // shape[0]
-            parts.append(_from_bytes(self._read(begin + index * per_row, per_row), dtype, shape[1:]))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for name in TENSORS:
+                dtype, shape, begin, end = self.entries[name]
+                per_row = (end - begin) // shape[0]
+                parts.append(_from_bytes(self._read(fd, begin + index * per_row, per_row), dtype, shape[1:]))
+        finally:
+            os.close(fd)
         return Row(*parts)
 
 
