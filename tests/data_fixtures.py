@@ -74,3 +74,78 @@ def image_text_tree(root: Path, n: int = 10, layout: str = "jsonl", split_field:
     elif layout == "csv":
         (root / "captions.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+# -- the paper's data sets, in their distributed layouts ----------------------------------
+
+def cub_tree(root: Path, n: int = 6, text_dir: str = "text") -> Path:
+    """CUB-200-2011 + captions: n images over two classes, the first half train."""
+    cub = root / "CUB_200_2011"
+    listing, split = [], []
+    for i in range(n):
+        cls = "001.Black_footed_Albatross" if i % 2 == 0 else "002.Laysan_Albatross"
+        rel = f"{cls}/{cls.split('.')[1]}_{i:04d}_{i}.jpg"
+        save_image(cub / "images" / rel, (50, 40), seed=i)
+        txt = (root / text_dir / rel).with_suffix(".txt")
+        txt.parent.mkdir(parents=True, exist_ok=True)
+        txt.write_text("\n".join(f"bird {i} caption {k}" for k in range(10)) + "\n")
+        listing.append(f"{i + 1} {rel}")
+        split.append(f"{i + 1} {1 if i < n // 2 else 0}")
+    (cub / "images.txt").write_text("\n".join(listing) + "\n")
+    (cub / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    return root
+
+
+def coco_tree(root: Path, year: int = 2014, n: int = 4) -> Path:
+    """COCO captions: n train + 2 val images, 2 captions each."""
+    for part, count in (("train", n), ("val", 2)):
+        images, anns = [], []
+        for i in range(count):
+            image_id = 1000 * (part == "val") + 9 + i
+            name = f"COCO_{part}{year}_{image_id:012d}.jpg" if year == 2014 else f"{image_id:012d}.jpg"
+            save_image(root / f"{part}{year}" / name, (44, 36), seed=image_id)
+            images.append({"id": image_id, "file_name": name, "width": 44, "height": 36})
+            anns += [{"id": 10 * image_id + k, "image_id": image_id, "caption": f"{part} image {i} caption {k}"}
+                     for k in range(2)]
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"captions_{part}{year}.json").write_text(
+            json.dumps({"images": images, "annotations": anns}))
+    return root
+
+
+def coco_qa_tree(root: Path) -> Path:
+    coco_tree(root, 2014, n=3)
+    for part, ids in (("train", [9, 10, 11, 9]), ("test", [1009, 1010])):
+        d = root / "cocoqa" / part
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "img_ids.txt").write_text("\n".join(map(str, ids)) + "\n")
+        (d / "questions.txt").write_text("\n".join(f"what is in picture {i} ?" for i in ids) + "\n")
+        (d / "answers.txt").write_text("\n".join(f"thing{i}" for i in ids) + "\n")
+        (d / "types.txt").write_text("\n".join(str(k % 4) for k in range(len(ids))) + "\n")
+    return root
+
+
+def celeba_tree(root: Path, ids=(0, 1, 2, 24000, 24001), masks: bool = True) -> Path:
+    for i in ids:
+        save_image(root / "CelebA-HQ-img" / f"{i}.jpg", (64, 64), seed=i)
+        (root / "celeba-caption").mkdir(parents=True, exist_ok=True)
+        (root / "celeba-caption" / f"{i}.txt").write_text(
+            "\n".join(f"the woman {i} has black hair, caption {k}" for k in range(10)) + "\n")
+        if masks:
+            (root / "CelebAMask-HQ-mask").mkdir(parents=True, exist_ok=True)
+            labels = np.zeros((32, 32), dtype=np.uint8)
+            labels[:, :16] = 1  # left half class 1 (mask at half the image resolution)
+            labels[0, 0] = 18
+            Image.fromarray(labels, "L").save(root / "CelebAMask-HQ-mask" / f"{i}.png")
+    return root
+
+
+def textcaps_tree(root: Path) -> Path:
+    for part, ids in (("train", ["aa01", "aa02", "aa03"]), ("val", ["bb01"])):
+        data = []
+        for j, image_id in enumerate(ids):
+            save_image(root / "train_images" / f"{image_id}.jpg", (40, 48), seed=j)
+            data += [{"image_id": image_id, "image_path": f"train/{image_id}.jpg",
+                      "caption_str": f"a sign that says {image_id} number {k}"} for k in range(3)]
+        (root / f"TextCaps_0.1_{part}.json").write_text(json.dumps({"dataset_name": "textcaps", "data": data}))
+    return root

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, ProblemTally
 from lgvq_plugins.data.images import load_rgb, read_header
-from lgvq_plugins.data.transforms import PaperTransform, choose_caption
+from lgvq_plugins.data.transforms import Geometry, PaperTransform, choose_caption
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +199,25 @@ class CaptionedImages(Dataset):
             if j in self._known_bad:
                 continue
             try:
-                image = self.load_image(j)
+                return self.make_sample(j, self.load_image(j))
             except BadSampleError as err:
                 if not self.skip_bad_samples:
                     raise
                 self._known_bad.add(j)
                 self.problems.add_error(err)
-                continue
-            return self.make_sample(j, image)
         raise ValueError(f"{self.NAME}[{self.split}]: every image failed to load{self._skipped_note()}")
 
     def make_sample(self, index: int, image) -> dict[str, Any]:
         rec = self.records[index]
         caption = choose_caption(rec.captions, self.train, self.seed, index, self.epoch)
-        pixels, _ = self.transform(image, caption)
-        return {"image": pixels, "caption": caption, "index": index, **rec.extras}
+        pixels, geometry = self.transform.apply(image, caption)
+        sample = {"image": pixels, "caption": caption, "index": index, **rec.extras}
+        sample.update(self.geometric_extras(index, geometry))
+        return sample
+
+    def geometric_extras(self, index: int, geometry: Geometry) -> dict[str, Any]:
+        """Sample fields that move with the image (boxes, masks): none here."""
+        return {}
 
     def data_report(self) -> dict[str, Any]:
         """JSON-ready counts for ``metrics.json``: samples kept, files skipped by kind (those

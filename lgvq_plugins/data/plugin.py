@@ -1,4 +1,7 @@
-"""Built-in plugin registering the real-data readers (``shapes`` registers itself)."""
+"""Built-in plugin registering the real-data readers (``shapes`` registers itself).
+
+Readers are imported when the hook runs, not when this module is imported, so listing
+plugins stays cheap."""
 
 from __future__ import annotations
 
@@ -7,6 +10,15 @@ from lgvq_plugins.hookspecs import hookimpl
 
 @hookimpl
 def register_datasets(register):
+    from lgvq_plugins.data.celeba import MMCelebAHQ
+    from lgvq_plugins.data.coco import COCOQA, COCOCaptions
+    from lgvq_plugins.data.cub import CUB200
     from lgvq_plugins.data.image_text import ImageTextDataset
+    from lgvq_plugins.data.textcaps import TextCaps
 
     register("image_text", ImageTextDataset)
+    register("cub200", CUB200)
+    register("mm_celeba_hq", MMCelebAHQ)
+    register("coco_captions", COCOCaptions)
+    register("coco_qa", COCOQA)
+    register("textcaps", TextCaps)

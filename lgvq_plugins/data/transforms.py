@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,6 +49,40 @@ def choose_caption(captions: Sequence[str], train: bool, seed: int, index: int, 
     return captions[mix(seed, index, epoch) % len(captions)]
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How an image was resized, cropped and flipped, to move boxes and masks alike."""
+
+    scale_x: float
+    scale_y: float
+    top: int
+    left: int
+    flipped: bool
+    size: int
+    height: int  # after the resize, before the crop
+    width: int
+
+    def box(self, box: Sequence[float]) -> Tensor:
+        """``(x0, y0, x1, y1)`` in original pixels → the same in output pixels, clipped to the
+        crop (float32 (4,); an object cropped away has zero width or height)."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, x1 = x0 * self.scale_x - self.left, x1 * self.scale_x - self.left
+        y0, y1 = y0 * self.scale_y - self.top, y1 * self.scale_y - self.top
+        if self.flipped:
+            x0, x1 = self.size - x1, self.size - x0
+        out = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
+        return out.clamp_(0.0, float(self.size))
+
+    def mask(self, mask: Tensor) -> Tensor:
+        """A label map (H, W) of the image (any resolution of the same aspect) → (size, size),
+        nearest neighbour."""
+        small = mask.to(torch.uint8) if (int(mask.max()) if mask.numel() else 0) < 256 else mask.float()
+        out = TF.resize(small[None], [self.height, self.width],
+                        interpolation=TF.InterpolationMode.NEAREST_EXACT)[0].to(mask.dtype)
+        out = out[self.top:self.top + self.size, self.left:self.left + self.size]
+        return out.flip(-1) if self.flipped else out
+
+
 class PaperTransform:
     """Resize + random crop + guarded flip (train) or resize + center crop (eval).
 
@@ -74,10 +109,16 @@ class PaperTransform:
 
     def __call__(self, image: Tensor, caption: str | None = None) -> tuple[Tensor, bool]:
         """``image`` uint8 (3, H, W) → (float32 (3, size, size) in [-1, 1], flipped?)."""
+        out, geometry = self.apply(image, caption)
+        return out, geometry.flipped
+
+    def apply(self, image: Tensor, caption: str | None = None) -> tuple[Tensor, Geometry]:
+        """As ``__call__``, returning the :class:`Geometry` used (for boxes and masks)."""
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"PaperTransform: expected a uint8 (3, H, W) image, got {image.dtype} "
                              f"{tuple(image.shape)}")
-        h, w = int(image.shape[1]), int(image.shape[2])
+        h0, w0 = int(image.shape[1]), int(image.shape[2])
+        h, w = h0, w0
         if min(h, w) != self.size:  # shorter side to size, aspect kept (antialiased like PIL)
             scale = self.size / min(h, w)
             h, w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
@@ -89,10 +130,11 @@ class PaperTransform:
             flipped = bool(torch.rand((), generator=self.generator) < 0.5)
             if flipped:
                 image = image.flip(-1)
-        return to_signed_float(image.contiguous()), flipped
+        geometry = Geometry(w / w0, h / h0, top, left, flipped, self.size, h, w)
+        return to_signed_float(image.contiguous()), geometry
 
     def __repr__(self) -> str:
         return f"PaperTransform(size={self.size}, train={self.train}, flip={self.flip})"
 
 
-__all__ = ["PaperTransform", "choose_caption", "mix", "names_a_side", "to_signed_float"]
+__all__ = ["Geometry", "PaperTransform", "choose_caption", "mix", "names_a_side", "to_signed_float"]
