@@ -129,7 +129,7 @@ def test_the_browser_probe_sees_broken_images_and_errors(tmp_path):
 def _metrics(name: str, guided: bool, psnr: float, backbone: str = "vqgan") -> dict:
     return {"name": name, "backbone": backbone, "dataset": "shapes", "guidance": guided, "val_psnr": psnr,
             "val_protocol": {"split": "val", "batches": 2},
-            "tasks": {"reconstruction": {"metrics": {"psnr": psnr + 1, "lpips": None},
+            "tasks": {"reconstruction": {"metrics": {"psnr": psnr + 1, "lpips": None, "fid": 3.0},
                                          "protocol": {"split": "test", "images": 64,
                                                       "fid": {"extractor": "shapes_probe"}},
                                          "unavailable": {"lpips": "no LPIPS weights"}}}}
@@ -139,7 +139,9 @@ def test_metrics_table_protocols_unavailable_and_twin():
     html = R.metrics_table(_metrics("cvq_lg", True, 20.0), _metrics("cvq", False, 21.5), twin_label="twin: cvq")
     rows = {r["key"]: r for r in R.metric_rows(_metrics("cvq_lg", True, 20.0))}
     assert rows["reconstruction/psnr"]["value"] == 21.0
-    assert rows["reconstruction/psnr"]["protocol"] == "split=test; images=64; fid.extractor=shapes_probe"
+    assert rows["reconstruction/psnr"]["protocol"] == "split=test; images=64"  # short beside the number
+    assert rows["reconstruction/fid"]["protocol"] == "split=test; images=64; fid.extractor=shapes_probe"
+    assert "<b>reconstruction</b>: split=test; images=64; fid.extractor=shapes_probe" in html  # in full once
     assert rows["reconstruction/lpips"]["value"] is None and rows["reconstruction/lpips"]["note"] == "no LPIPS weights"
     assert rows["val_psnr"]["protocol"] == "split=val; batches=2"
     assert "twin: cvq" in html and ">22.5<" in html and ">21<" in html  # twin's number beside ours

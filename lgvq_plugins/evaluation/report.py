@@ -49,7 +49,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-botto
 table{border-collapse:collapse;font-size:.88em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.proto{color:#555;font-size:.9em}.missing{color:#a33;font-style:italic}
+td.proto,p.proto{color:#555;font-size:.85em}h3{font-size:1em}.missing{color:#a33;font-style:italic}
 img{max-width:100%;image-rendering:pixelated;display:block;margin:.4em 0}
 figure{margin:.6em 0}figcaption{font-size:.85em;color:#555}
 """
@@ -120,23 +120,45 @@ def page(title: str, sections: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+#: protocol entries shown beside every number of a task (the rest: once per task)
+COMMON_PROTOCOL = ("split", "images")
+
+
+def short_protocol(protocol: Mapping[str, Any] | None, metric: str) -> str:
+    """The split and image count, plus the protocol entry named after the metric (``fid``
+    for ``fid``/``kid_*``, ``ssim`` for ``ssim``, ...) — what a reader needs beside a number."""
+    protocol = protocol or {}
+    picked = {k: protocol[k] for k in COMMON_PROTOCOL if k in protocol}
+    for key in (metric, metric.split("_")[0], "fid" if metric.startswith("kid") else ""):
+        if key and key in protocol and key not in picked:
+            value = protocol[key]
+            picked[key] = {k: v for k, v in value.items() if not isinstance(v, Mapping)} \
+                if isinstance(value, Mapping) else value
+            break
+    return protocol_text(picked)
+
+
 def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every reported number of a ``metrics.json`` as ``{"key", "value", "protocol", "note"}``.
 
-    Task numbers come first (``<task>/<metric>``, with the task's protocol; an unavailable
-    metric has value None and the reason as note), then the final validation numbers.
+    Task numbers come first (``<task>/<metric>``, with the short protocol of
+    :func:`short_protocol`; an unavailable metric has value None and the reason as note), then
+    the final validation numbers.
     """
     rows: list[dict[str, Any]] = []
     for task, result in (metrics.get("tasks") or {}).items():
-        proto = protocol_text(result.get("protocol"))
+        protocol = result.get("protocol")
         unavailable = result.get("unavailable") or {}
         for key, value in (result.get("metrics") or {}).items():
-            rows.append({"key": f"{task}/{key}", "value": value, "protocol": proto,
+            rows.append({"key": f"{task}/{key}", "value": value, "protocol": short_protocol(protocol, key),
                          "note": unavailable.get(key, "")})
         for key, why in unavailable.items():
             if key not in (result.get("metrics") or {}):
-                rows.append({"key": f"{task}/{key}", "value": None, "protocol": proto, "note": why})
-    val_proto = protocol_text(metrics.get("val_protocol")) or "validation split"
+                rows.append({"key": f"{task}/{key}", "value": None, "protocol": short_protocol(protocol, key),
+                             "note": why})
+    vp = metrics.get("val_protocol") or {}
+    order = ("split", "batches", "batch_size_per_rank")  # JSON on disk has its keys sorted
+    val_proto = protocol_text({**{k: vp[k] for k in order if k in vp}, **vp}) or "validation split"
     for key, value in metrics.items():
         if key.startswith("val_") and key != "val_protocol" and isinstance(value, (int, float)):
             rows.append({"key": key, "value": value, "protocol": val_proto, "note": ""})
@@ -157,7 +179,9 @@ def metrics_table(metrics: Mapping[str, Any], twin: Mapping[str, Any] | None = N
             cells.append(("num", _e(fmt(twin_values.get(r["key"])))))
         cells += [("proto", _e(r["protocol"])), ("proto", _e(r["note"]))]
         body.append(cells)
-    return table(header, body)
+    protocols = "\n".join(f'<p class="proto"><b>{_e(task)}</b>: {_e(protocol_text(result.get("protocol")))}</p>'
+                          for task, result in (metrics.get("tasks") or {}).items() if result.get("protocol"))
+    return table(header, body) + ("\n<h3>Protocols</h3>\n" + protocols if protocols else "")
 
 
 # ---------------------------------------------------------------------------------------
