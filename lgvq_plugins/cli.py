@@ -4,6 +4,10 @@
     lgvq list [KIND] [GLOB] registered component names
     lgvq configs            the bundled gin files
     lgvq run --gin F ...    same as ``python -m lgvq_plugins.run``
+    lgvq eval --pretrained runs/NAME/pretrained [--gin F ...]
+                            evaluate a saved model: runs/NAME/eval/{metrics.json,report.html}
+    lgvq compare --gin compare/F.gin
+                            train variants x seeds, evaluate alike, write a mean ± std table
 
 Each subcommand is one :class:`Subcommand` in :data:`SUBCOMMANDS`: a name, a help line, a
 function adding its arguments and a function running it. Add one with
@@ -117,6 +121,70 @@ def _run(args: argparse.Namespace) -> int:
 
 add_subcommand(Subcommand("run", "train/evaluate an experiment (see python -m lgvq_plugins.run -h)",
                           _run, passthrough=True))
+
+
+# -- eval and compare -------------------------------------------------------------------
+
+
+def _gin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (repeatable)")
+    parser.add_argument("--gin_bindings", action="append", default=[], metavar="BINDING",
+                        help="gin binding applied after the files (repeatable)")
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "example: lgvq eval --pretrained runs/cvq_lg/pretrained --gin eval/shapes_eval.gin"
+    parser.add_argument("--pretrained", required=True, help="a run's pretrained/ folder")
+    parser.add_argument("--out", default=None, help="evaluation folder (default: eval/ beside pretrained/)")
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (overrides Evaluation.tasks)")
+    parser.add_argument("--no-run-config", action="store_true",
+                        help="do not read the run's config.gin (it sizes the data as in training)")
+    _gin_arguments(parser)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lgvq_plugins.config import parse_gin
+
+    run_config = Path(args.pretrained).resolve().parent / "config.gin"
+    files = ([str(run_config)] if run_config.is_file() and not args.no_run_config else []) + args.gin
+    parse_gin(files, args.gin_bindings)
+    from lgvq_plugins.evaluation.evaluate import evaluate_pretrained
+
+    extra = {"tasks": [t for t in args.tasks.split(",") if t]} if args.tasks is not None else {}
+    metrics = evaluate_pretrained(args.pretrained, args.out, **extra)
+    print(json.dumps(metrics["tasks"], indent=2, sort_keys=True))
+    return 0
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "example: lgvq compare --gin compare/cvq_compare.gin --gin_bindings 'Comparison.seeds = [0]'"
+    parser.add_argument("--root", default=None, help="folder of comparisons (overrides Comparison.root)")
+    parser.add_argument("--name", default=None, help="comparison name (overrides Comparison.name)")
+    _gin_arguments(parser)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from lgvq_plugins.config import parse_gin
+
+    if not args.gin:
+        raise SystemExit("lgvq compare: give the comparison's gin file, e.g. --gin compare/cvq_compare.gin")
+    parse_gin(args.gin, args.gin_bindings)
+    from lgvq_plugins.evaluation.compare import Comparison
+
+    overrides = {k: v for k, v in {"root": args.root, "name": args.name}.items() if v is not None}
+    comparison = Comparison(**overrides)
+    summary = comparison.run()
+    print((comparison.out_dir / "comparison.md").read_text(encoding="utf-8"))
+    print(f"[compare] {comparison.out_dir}/report.html ({summary['status']})")
+    return 0
+
+
+add_subcommand(Subcommand("eval", "evaluate a saved model (metrics.json + report.html)", _eval, _eval_arguments))
+add_subcommand(Subcommand("compare", "train variants x seeds and tabulate their evaluation", _compare,
+                          _compare_arguments))
 
 
 # -- main -------------------------------------------------------------------------------
