@@ -149,3 +149,27 @@ def textcaps_tree(root: Path) -> Path:
                       "caption_str": f"a sign that says {image_id} number {k}"} for k in range(3)]
         (root / f"TextCaps_0.1_{part}.json").write_text(json.dumps({"dataset_name": "textcaps", "data": data}))
     return root
+
+
+def refcoco_tree(root: Path) -> Path:
+    """RefCOCO: 2 COCO images, 3 refs (train, val, testA) in refs(unc).p (protocol 2, as the
+    Python 2 original) + instances.json."""
+    import pickle
+
+    images, anns, refs = [], [], []
+    for i, image_id in enumerate((581857, 9)):
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        save_image(root / "train2014" / name, (80, 40), seed=i)  # wide: crops move boxes
+        images.append({"id": image_id, "file_name": name, "width": 80, "height": 40})
+    anns = [{"id": 1, "image_id": 581857, "bbox": [10.0, 5.0, 20.0, 10.0]},
+            {"id": 2, "image_id": 9, "bbox": [40.0, 0.0, 40.0, 40.0]},
+            {"id": 3, "image_id": 9, "bbox": [0.0, 10.0, 8.0, 8.0]}]
+    for ref_id, (ann, image_id, split) in enumerate([(1, 581857, "train"), (2, 9, "val"), (3, 9, "testA")]):
+        refs.append({"ref_id": ref_id, "ann_id": ann, "image_id": image_id, "split": split,
+                     "category_id": 1, "file_name": f"COCO_train2014_{image_id:012d}_{ann}.jpg",
+                     "sentences": [{"sent": f"the thing {ref_id}", "tokens": ["the", "thing"]},
+                                   {"sent": f"object number {ref_id}", "tokens": ["object"]}]})
+    (root / "refcoco").mkdir(parents=True, exist_ok=True)
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (root / "refcoco" / "instances.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root

@@ -14,6 +14,7 @@ def register_datasets(register):
     from lgvq_plugins.data.coco import COCOQA, COCOCaptions
     from lgvq_plugins.data.cub import CUB200
     from lgvq_plugins.data.image_text import ImageTextDataset
+    from lgvq_plugins.data.refcoco import RefCOCO
     from lgvq_plugins.data.textcaps import TextCaps
 
     register("image_text", ImageTextDataset)
@@ -22,3 +23,4 @@ def register_datasets(register):
     register("coco_captions", COCOCaptions)
     register("coco_qa", COCOQA)
     register("textcaps", TextCaps)
+    register("refcoco", RefCOCO)

@@ -22,6 +22,15 @@ from typing import Any
 _ALLOWED = {("builtins", n) for n in ("set", "frozenset", "bytearray", "list", "dict", "tuple",
                                       "str", "bytes", "int", "float", "bool", "complex")}
 _ALLOWED |= {("__builtin__", n) for _, n in list(_ALLOWED)}  # Python 2 spelling
+# Protocols 0-2 write bytes as _codecs.encode(text, "latin1"): str -> bytes, nothing else.
+_CODECS_ENCODE = ("_codecs", "encode")
+
+
+def _encode_text(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` restricted to str → bytes (what old protocols use for bytes)."""
+    if not isinstance(text, str):
+        raise UnsafePickleError("refused _codecs.encode of a non-string in a plain-data pickle")
+    return text.encode(encoding)
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -36,6 +45,8 @@ class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class("builtins", name)
+        if (module, name) == _CODECS_ENCODE:
+            return _encode_text
         raise UnsafePickleError(
             f"{self._path}: refused to unpickle {module}.{name} — this file should hold only lists, "
             "dicts, strings and numbers; a pickle naming other objects can run code when loaded. "
