@@ -402,3 +402,28 @@ def test_in_code_clash_without_exist_ok_fails_every_time_and_names_both(fresh_pl
     finally:  # (registry() would load plugins, and fail again)
         lgvq_plugins.get_host(load=False).registries["quantizer"].remove("vq")
     assert "vqvae" in lgvq_plugins.list_backbones()
+
+
+def test_a_plugins_wrapper_wraps_its_own_registration(fresh_plugins):
+    calls: list[str] = []
+
+    class Wrapped:
+        @hookspecs.hookimpl(wrapper=True, specname="register_metrics")
+        def around(self, register):
+            calls.append("before")
+            result = yield
+            calls.append("after")
+            return result
+
+        @hookspecs.hookimpl
+        def register_metrics(self, register):
+            calls.append("impl")
+            register("wrapped_metric_for_test", dict)
+
+    host = lgvq_plugins.get_host()
+    name = host.register_plugin(Wrapped(), name="wrapped-test")
+    try:
+        assert calls == ["before", "impl", "after"]
+        assert "wrapped_metric_for_test" in lgvq_plugins.list_metrics()
+    finally:
+        host.unregister_plugin(name)
