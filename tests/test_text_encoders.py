@@ -281,6 +281,50 @@ def test_clip_unknown_model_and_mismatched_checkpoint(clip_checkpoint):
         OpenCLIPTextEncoder("ViT-B-32", pretrained=str(clip_checkpoint))  # full-size tower
 
 
+def test_read_checkpoint_never_unpickles_objects(tmp_path, clip_reference):
+    """Checkpoints are read as tensors only: a pickle naming a callable is refused, a
+    TorchScript archive is read through torch.jit, and no marker code runs."""
+    import pickle
+
+    from lgvq_plugins.text.clip import read_checkpoint
+
+    marker = tmp_path / "MARKER"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"weight": torch.zeros(2), "evil": Payload()}, hostile, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        read_checkpoint(str(hostile))
+    assert not marker.exists()
+    with pytest.raises(RuntimeError, match="could not read checkpoint"):
+        OpenCLIPTextEncoder("ViT-B-32", pretrained=str(hostile), text_cfg=TINY_TEXT, embed_dim=TINY_EMBED)
+    assert not marker.exists()
+
+    module = torch.nn.Linear(3, 2)
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.script(module).save(str(scripted))
+    state = read_checkpoint(str(scripted))
+    assert state.keys() == {"weight", "bias"} and torch.equal(state["weight"], module.weight)
+
+
+def test_encoders_record_how_to_rebuild_them(clip_encoder, clip_checkpoint, minilm_encoder):
+    """What save_pretrained writes: registry name, the factory's arguments, local paths."""
+    assert clip_encoder.lgvq_registry_name == "open_clip"
+    assert clip_encoder.config["pretrained"] == str(clip_checkpoint)
+    assert set(clip_encoder.lgvq_local_settings) == {"pretrained", "cache_dir"}  # a file: local
+    assert clip_encoder.config["embed_dim"] == TINY_EMBED and clip_encoder.config["max_length"] == 30
+    rebuilt = lgvq_plugins.create_text_encoder("open_clip", **clip_encoder.config)
+    assert rebuilt.weights_sha256 == clip_encoder.weights_sha256
+    assert clip_encoder.identity.endswith(clip_encoder.weights_sha256[:16])
+    random_tower = lgvq_plugins.create_text_encoder("open_clip", text_cfg=TINY_TEXT, embed_dim=TINY_EMBED)
+    assert random_tower.lgvq_local_settings == ("cache_dir",)  # pretrained=None is portable
+    assert minilm_encoder.lgvq_registry_name == "minilm" and minilm_encoder.lgvq_local_settings == ()
+    assert minilm_encoder.config == {"max_length": 30, "pooling": "mean", "normalize": None}
+
+
 # ---------------------------------------------------------------------------------------
 # Freezing
 # ---------------------------------------------------------------------------------------
