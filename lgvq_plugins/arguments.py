@@ -187,6 +187,20 @@ def remote_code_message(key: str, value: str) -> str:
             "component (a plugin) and save the model again, so its config holds a registry name.")
 
 
+def refuse_import_paths(value: Any, key: str) -> None:
+    """Every ``"module:callable"`` string (value or mapping key) in a saved config is refused."""
+    if is_import_path(value):
+        raise RemoteCodeError(remote_code_message(key, value))
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if is_import_path(k):
+                raise RemoteCodeError(remote_code_message(f"{key} key", k))
+            refuse_import_paths(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            refuse_import_paths(v, f"{key}[{i}]")
+
+
 def import_object(path: str, *, key: str) -> Any:
     """Import ``"module:qualname"``; refused with :class:`RemoteCodeError` (naming ``key``)
     inside ``import_paths_allowed(False)``."""
@@ -253,4 +267,4 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 __all__ = ["SettingsError", "RemoteCodeError", "resolved_arguments", "create_recorded",
            "check_arguments", "accepts_any_keyword", "gin_isolated", "import_paths_allowed",
-           "import_object", "is_import_path", "strip_local", "deep_merge", "has_key"]
+           "import_object", "is_import_path", "refuse_import_paths", "strip_local", "deep_merge", "has_key"]

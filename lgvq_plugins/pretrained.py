@@ -33,7 +33,7 @@ from lgvq_plugins import api
 from lgvq_plugins._version import __version__
 from lgvq_plugins.arguments import (RemoteCodeError, SettingsError, check_arguments, deep_merge, gin_isolated,
                                     has_key, import_object, import_paths_allowed, is_import_path,
-                                    remote_code_message, resolved_arguments, strip_local)
+                                    refuse_import_paths, resolved_arguments, strip_local)
 from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import SavableTokenizer
 from lgvq_plugins.text.encoders import encoder_weights_sha256
@@ -186,20 +186,6 @@ def load_pretrained_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def _refuse_import_paths(value: Any, key: str) -> None:
-    """Every ``"module:callable"`` string (value or mapping key) in a saved config is refused."""
-    if is_import_path(value):
-        raise RemoteCodeError(remote_code_message(key, value))
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if is_import_path(k):
-                raise RemoteCodeError(remote_code_message(f"{key} key", k))
-            _refuse_import_paths(v, f"{key}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _refuse_import_paths(v, f"{key}[{i}]")
-
-
 def _registered(kind: str, name: Any, key: str) -> Callable[..., Any]:
     """The plugin's own factory of ``name`` (not the gin wrapper: no binding applies)."""
     if not isinstance(name, str):
@@ -335,9 +321,7 @@ def from_pretrained(directory: str | os.PathLike[str], *, guidance: bool | None 
     directory = Path(directory)
     config = load_pretrained_config(directory)
     if not trust_remote_code:
-        _refuse_import_paths({k: v for k, v in config.items() if k != "text_encoder"}, "config.json")
-        _refuse_import_paths((config.get("text_encoder") or {}).get("config"), "text_encoder.config")
-        _refuse_import_paths((config.get("text_encoder") or {}).get("name"), "text_encoder.name")
+        refuse_import_paths(config, "config.json")  # anywhere: values, mapping keys, lists
     saved_guidance = config.get("guidance")
     want_guidance = saved_guidance is not None if guidance is None else bool(guidance)
 
