@@ -173,3 +173,31 @@ def refcoco_tree(root: Path) -> Path:
     (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     (root / "refcoco" / "instances.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return root
+
+
+def write_shards(folder: Path, shards: int = 8, per_shard: int = 5, bad: dict | None = None) -> list[Path]:
+    """WebDataset tar shards of ``per_shard`` samples each (key ``s{shard}_{i}``: .jpg + .txt).
+    ``bad`` maps a key to what is wrong with it: ``corrupt``, ``no_caption``, ``no_image``."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bad = bad or {}
+    paths = []
+    for s in range(shards):
+        path = folder / f"train-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"s{s}_{i}"
+                members = {"jpg": jpeg_bytes(seed=s * 100 + i), "txt": f"caption of {key}\nsecond {key}\n".encode()}
+                if bad.get(key) == "corrupt":
+                    members["jpg"] = b"garbage" * 20
+                elif bad.get(key) == "no_caption":
+                    del members["txt"]
+                elif bad.get(key) == "no_image":
+                    del members["jpg"]
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths

@@ -24,3 +24,17 @@ def register_datasets(register):
     register("coco_qa", COCOQA)
     register("textcaps", TextCaps)
     register("refcoco", RefCOCO)
+    try:
+        from lgvq_plugins.data.webdataset import WebDatasetCaptions
+    except ImportError as exc:  # the other readers stay usable without the webdataset package
+        register("webdataset", _missing_webdataset(exc))
+    else:
+        register("webdataset", WebDatasetCaptions)
+
+
+def _missing_webdataset(exc: ImportError):
+    def webdataset(*args, **kwargs):
+        raise ImportError(f"the 'webdataset' data set needs the webdataset package ({exc}): "
+                          "pip install webdataset") from exc
+
+    return webdataset
