@@ -76,7 +76,8 @@ sock="$work/.mutation-runner.sock"
 "$python" scripts/mutation_runner.py serve "$sock" > mutation-results-server.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null' EXIT
-for _ in $(seq 120); do [ -S "$sock" ] && break; sleep 1; done
+# importing torch & co. can take minutes on a loaded machine: wait while the server lives
+for _ in $(seq 1800); do [ -S "$sock" ] && break; kill -0 $server 2>/dev/null || break; sleep 1; done
 [ -S "$sock" ] || { echo "the mutation runner did not start: see $work/mutation-results-server.log" >&2; exit 1; }
 
 mkdir -p mutation-results
