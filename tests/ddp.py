@@ -17,8 +17,10 @@ def free_port() -> int:
 
 
 def torchrun(args: Sequence[str], *, nproc: int = 2, cwd: str | Path | None = None,
-             timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``torchrun --nproc_per_node nproc <args>``; raise with both ranks' output on failure.
+             timeout: float = 600, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc_per_node nproc <args>``; raise with both ranks' output on failure
+    (``check=False``: return the failed process instead, e.g. for a job killed on purpose).
 
     ``args`` is what follows torchrun's own options: a script path and its arguments, or
     ``-m module ...``.
@@ -27,7 +29,7 @@ def torchrun(args: Sequence[str], *, nproc: int = 2, cwd: str | Path | None = No
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc

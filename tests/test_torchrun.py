@@ -1,4 +1,6 @@
-"""The same command and config under a real 2-process torchrun (gloo on CPU)."""
+"""The same command and config under a real 2-process torchrun (gloo on CPU): identical
+codebooks and discriminators on both ranks, and a job killed by SIGKILL that resumes to
+the weights of an uninterrupted 2-process run."""
 
 from __future__ import annotations
 
@@ -12,15 +14,47 @@ from safetensors.torch import load_file
 from ddp import torchrun
 
 REPO = Path(__file__).resolve().parent.parent
+DDP_RUN = str(REPO / "tests" / "scripts" / "ddp_run.py")
+# The GAN term and the discriminator's own updates from step 0: its gradients differ per
+# rank (different data), so only the all-reduce keeps the ranks' discriminators equal.
+BINDINGS = ["--gin_bindings", "vqgan.disc_start = 0", "--gin_bindings", "Trainer.dump_codebooks = True"]
+ENV = {"HF_HUB_OFFLINE": "1"}
+
+
+def _launch(root: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True):
+    return torchrun([DDP_RUN, "--gin", "gin/tiny.gin", "--root", str(root), *BINDINGS, *extra],
+                    cwd=REPO, env={**ENV, **(env or {})}, timeout=900, check=check)
+
+
+def _ranks(run: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(str(run / f"state_rank{r}.safetensors")) for r in range(2)]
+
+
+def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip_disc_stats: bool = False) -> list[str]:
+    """Names of the tensors that differ. ``skip_disc_stats``: leave out the discriminator's
+    BatchNorm running statistics. Those are per-rank buffers (each rank's batches update
+    its own; only rank 0's are checkpointed) that no training step reads — the
+    discriminator only runs in train mode, on batch statistics."""
+    assert a.keys() == b.keys()
+    return sorted(k for k in a if not torch.equal(a[k], b[k])
+                  and not (skip_disc_stats and "discriminator" in k and _is_bn_stat(k)))
+
+
+def _is_bn_stat(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in {"running_mean", "running_var", "num_batches_tracked"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted 2-process run of 3 steps, shared by the checks below."""
+    root = tmp_path_factory.mktemp("ddp_uninterrupted")
+    proc = _launch(root, "--gin_bindings", "MAX_STEPS = 3")
+    return root / "tiny", proc
 
 
 @pytest.mark.ddp
-def test_two_process_run_keeps_codebooks_identical(tmp_path):
-    proc = torchrun(["-m", "lgvq_plugins.run", "--gin", "gin/tiny.gin", "--root", str(tmp_path),
-                     "--gin_bindings", "Trainer.dump_codebooks = True",
-                     "--gin_bindings", "MAX_STEPS = 3"],
-                    cwd=REPO, env={"HF_HUB_OFFLINE": "1"}, timeout=600)
-    run = tmp_path / "tiny"
+def test_two_process_run_keeps_codebooks_identical(uninterrupted):
+    run, proc = uninterrupted
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
     assert metrics["steps"] == 3 and metrics["images_seen"] == 24
@@ -36,14 +70,38 @@ def test_two_process_run_keeps_codebooks_identical(tmp_path):
 
 
 @pytest.mark.ddp
-def test_two_process_resume(tmp_path):
-    """A 2-process run resumes under torchrun: every rank's RNG state is stored (gathered
-    as JSON), and training continues from the checkpoint."""
-    args = ["-m", "lgvq_plugins.run", "--gin", "gin/tiny.gin", "--root", str(tmp_path)]
-    torchrun([*args, "--gin_bindings", "MAX_STEPS = 2"], cwd=REPO, env={"HF_HUB_OFFLINE": "1"})
-    state = json.loads((tmp_path / "tiny" / "checkpoints" / "step_00000002" / "state.json").read_text())
+def test_two_process_discriminators_stay_identical(uninterrupted):
+    run, _ = uninterrupted
+    rank0, rank1 = _ranks(run)
+    disc = [k for k in rank0 if "discriminator" in k and not _is_bn_stat(k)]  # its parameters
+    assert disc, "the tiny vqgan has no discriminator parameters in its state_dict"
+    # every weight and buffer, the discriminator's included (but for its BatchNorm statistics)
+    assert _differing(rank0, rank1, skip_disc_stats=True) == []
+    # ... and the discriminator does train: step 3 changed its weights
+    before = load_file(str(run / "checkpoints" / "step_00000002" / "discriminator.safetensors"))
+    assert sorted(before) == sorted(disc)
+    assert any(not torch.equal(before[k], rank0[k]) for k in disc)
+
+
+@pytest.mark.ddp
+def test_two_process_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    """SIGKILL of both ranks after the step-2 checkpoint, then ``--resume`` under torchrun:
+    every rank ends with the weights of the uninterrupted run (RNG states of both ranks,
+    data position, optimizers and the CVQ anchor streams restored)."""
+    reference, _ = uninterrupted
+    killed = _launch(tmp_path, "--gin_bindings", "MAX_STEPS = 3", env={"LGVQ_TEST_KILL_AT_STEP": "2"},
+                     check=False)
+    assert killed.returncode != 0
+    run = tmp_path / "tiny"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert not (run / "metrics.json").exists()
+    state = json.loads((run / "checkpoints" / "step_00000002" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert all({"python", "numpy", "torch"} <= set(r) for r in state["rng"])
-    torchrun([*args, "--resume", "--gin_bindings", "MAX_STEPS = 3"], cwd=REPO, env={"HF_HUB_OFFLINE": "1"})
-    metrics = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+
+    _launch(tmp_path, "--resume", "--gin_bindings", "MAX_STEPS = 3")
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["codebooks_identical"] is True
+    (got0, got1), (expected0, expected1) = _ranks(run), _ranks(reference)
+    assert _differing(got0, expected0) == []  # rank 0: everything, its own statistics were saved
+    assert _differing(got1, expected1, skip_disc_stats=True) == []

@@ -55,7 +55,8 @@ class PSNR(PeakSignalNoiseRatio):
         super().update(preds.detach().double().flatten(1), target.detach().double().flatten(1))
 
     def compute(self) -> Tensor:
-        seen = len(self.total) if isinstance(self.total, list) else int(self.total)
+        # after a DDP sync the per-image states are one concatenated tensor, not a list
+        seen = len(self.total) if isinstance(self.total, list) else int((self.total > 0).sum())
         if not seen:
             return torch.tensor(0.0)
         values = super().compute().clamp_max(self.max_db)  # (N,) per image, or one value
