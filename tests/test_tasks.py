@@ -147,8 +147,13 @@ def test_retrieval_and_masked_words_are_well_formed(guided_results):
 
 def test_unguided_tokenizer_gets_the_probe_protocol(data, cache, tmp_path):
     bind_tiny(cache)
-    tokenizer = tiny_tokenizer(seed=1)
+    tokenizer = tiny_tokenizer(seed=1).train()
+    before = {k: v.clone() for k, v in tokenizer.state_dict().items()}
     results = run_tasks(tokenizer, data, ["code_word_alignment", "retrieval", "masked_word_prediction"], tmp_path)
+    # the probe trained heads only: the tokenizer (codebook included) is untouched, its mode restored
+    after = tokenizer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and tokenizer.training
+    assert all(p.requires_grad for p in tokenizer.parameters())
     for result in results.values():
         assert result.protocol["heads"].startswith("probe") and result.protocol["steps"] == 3
         assert result.protocol["train_split"] == "train"

@@ -170,6 +170,18 @@ def _unguided_result(name: str, task: Any) -> TaskResult:
     return TaskResult(metrics={}, protocol={"skipped": True}, unavailable={"*": why})
 
 
+def _task_name(task: Any) -> str:
+    """A task object's registered name (its class's, when built directly), else its class name."""
+    name = getattr(task, "lgvq_registry_name", None)
+    if name:
+        return name
+    registry = api.registry("task")
+    for candidate in registry.names():
+        if registry.entry(candidate).original is type(task):
+            return candidate
+    return type(task).__name__
+
+
 def run_tasks(model: nn.Module, data: Dataset, names_or_tasks: Iterable[str | Task] | str,
               out_dir: str | Path, *, write_json: bool = True) -> dict[str, TaskResult]:
     """Run tasks on ``model`` (a tokenizer or a guided model) over ``data``.
@@ -194,8 +206,7 @@ def run_tasks(model: nn.Module, data: Dataset, names_or_tasks: Iterable[str | Ta
     model.eval()
     try:
         for item in names_or_tasks:
-            name = item if isinstance(item, str) else getattr(item, "lgvq_registry_name", None) \
-                or type(item).__name__
+            name = item if isinstance(item, str) else _task_name(item)
             task = api.create_task(item) if isinstance(item, str) else item
             needs = getattr(task, "needs", "tokenizer")
             if needs not in ("tokenizer", "guided"):
