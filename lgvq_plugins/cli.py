@@ -8,6 +8,8 @@
                             evaluate a saved model: runs/NAME/eval/{metrics.json,report.html}
     lgvq compare --gin compare/F.gin
                             train variants x seeds, evaluate alike, write a mean ± std table
+    lgvq cache-text --gin F [--cache-dir D]
+                            encode every caption of the data set once into the feature cache
 
 Each subcommand is one :class:`Subcommand` in :data:`SUBCOMMANDS`: a name, a help line, a
 function adding its arguments and a function running it. Add one with
@@ -185,6 +187,39 @@ def _compare(args: argparse.Namespace) -> int:
 add_subcommand(Subcommand("eval", "evaluate a saved model (metrics.json + report.html)", _eval, _eval_arguments))
 add_subcommand(Subcommand("compare", "train variants x seeds and tabulate their evaluation", _compare,
                           _compare_arguments))
+
+
+# -- cache-text (data/caption_features.py) -----------------------------------------------
+
+
+def _cache_text_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("example: lgvq cache-text --gin paper/cub200_cvq_lg.gin --gin_bindings "
+                     "\"cub200.root = '/data/cub'\" --cache-dir /data/cub/text_cache")
+    _gin_arguments(parser)
+    parser.add_argument("--splits", default="train,val", help="comma-separated splits (default: train,val)")
+    parser.add_argument("--batch-size", type=int, default=256, help="captions per encoder call")
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: LanguageGuided.cache_dir)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cache_text(args: argparse.Namespace) -> int:
+    import json
+
+    from lgvq_plugins.config import parse_gin
+
+    if not args.gin:
+        raise SystemExit("lgvq cache-text: give the run's gin file(s), e.g. --gin paper/cub200_cvq_lg.gin")
+    parse_gin(args.gin, args.gin_bindings)
+    from lgvq_plugins.data.caption_features import cache_text
+
+    report = cache_text([s for s in args.splits.split(",") if s], batch_size=args.batch_size,
+                        cache_dir=args.cache_dir, progress=not args.no_progress)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+add_subcommand(Subcommand("cache-text", "encode every caption of a data set into the text-feature cache",
+                          _cache_text, _cache_text_arguments))
 
 
 # -- main -------------------------------------------------------------------------------
