@@ -215,9 +215,18 @@ def test_vq_picks_the_bruteforce_nearest_codes(chunk_size: int | None, autocast:
 
 
 def test_search_tiles_respect_the_budget_and_agree() -> None:
-    for n, k, budget in [(1000, 300, 37), (1000, 300, 4096), (5, 70000, 2**22), (16384, 65536, 2**22)]:
+    for n, k, budget in [(1000, 300, 37), (1000, 300, 4096), (5, 70000, 2**22), (16384, 65536, 2**22),
+                         (1, 300, 300), (1000, 300, 1), (7, 5, 3)]:
         rows, cols = tile_shape(n, k, budget)
-        assert rows * cols <= max(budget, 1) and rows >= 1 and cols >= 1
+        assert 1 <= rows <= n and 1 <= cols <= k, (n, k, budget)
+        assert rows * cols <= budget, (n, k, budget)  # one tile never exceeds the budget
+    assert tile_shape(1000, 300, 300 * 1000) == (1000, 300)  # all of it in one tile when allowed
+    assert tile_shape(4096, 300, 300 * 256) == (256, 300)  # row blocks of all codes ...
+    assert tile_shape(4096, 70000, 2**22) == (256, 16384)  # ... until K is too large for that
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of distance entries, got 0"):
+        tile_shape(10, 10, 0)
+    plain = nearest_codes(torch.randn(9, 5), torch.randn(4, 5))
+    assert plain.code_score is None and plain.code_arg is None  # no per-code reduction asked
     x, codes = torch.randn(257, 5), torch.randn(61, 5)
     full = nearest_codes(x, codes, chunk_size=10**9, per_code="closest")
     # 64: one code per tile; 600: 256 rows × 2 codes with an uneven last tile; 256·61: all
