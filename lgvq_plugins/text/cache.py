@@ -18,9 +18,8 @@ used eviction, over the on-disk shards. A row evicted from memory is read back f
 shard when needed (one ``pread`` of that row, not a memory map, so reading a whole data set
 does not grow the process's resident memory); without ``cache_dir`` it is encoded again.
 Rows not yet written are never evicted before they are: the pending rows are flushed to a
-shard first. Beyond the bound the cache holds an index of ≈ 0.3 KB per caption on disk
-(≈ 90 MB for 300k captions) and, while a shard is written, a copy of the pending rows
-(at most an eighth of the bound).
+shard first, streamed from the pool (no second copy). Beyond the bound the cache holds an
+index of ≈ 0.3 KB per caption on disk (≈ 90 MB for 300k captions).
 
 The cache is a plain object, not an ``nn.Module``: it is never part of a ``state_dict``.
 """
@@ -77,9 +76,9 @@ class TextFeatureCache:
         cache_dir: folder for the on-disk cache (created if needed); ``None`` keeps
             features in memory only. Shards already there for this encoder are used.
         flush_every: write pending rows to a new shard once this many have accumulated
-            (or an eighth of the memory bound; they are also written by :meth:`save`, on
-            ``with`` exit, before a pending row would be evicted, and when the cache is
-            garbage-collected or the interpreter exits).
+            (they are also written by :meth:`save`, on ``with`` exit, before a pending row
+            would be evicted, and when the cache is garbage-collected or the interpreter
+            exits). Pending rows live in the bounded pool; a shard is streamed from there.
         max_memory_mb: keep at most this many MiB of rows in memory (least recently used
             are dropped; with a disk cache they are read back from disk when needed, without
             it they are encoded again). ``None``: no limit (every caption stays in RAM).
@@ -314,10 +313,7 @@ class TextFeatureCache:
                     t.special_mask[i].bool()) for i in range(len(keys))]
         for key, row in zip(keys, rows):
             self._writer.add(key, self._remember(key, row))
-            # Writing a shard briefly takes about twice the pending rows again (gathered,
-            # then serialised): flush at an eighth of the bound so that stays small.
-            if len(self._writer) >= self.flush_every or (
-                    self.max_memory_bytes is not None and self._writer.nbytes * 8 >= self.max_memory_bytes):
+            if len(self._writer) >= self.flush_every:
                 self.save()
         return rows
 

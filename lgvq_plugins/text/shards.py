@@ -12,12 +12,10 @@ import os
 import struct
 import uuid
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 FORMAT = "lgvq-text-cache-1"
 #: tensors of a row, in :class:`Row` order, under their names in a shard
@@ -84,10 +82,6 @@ class RowPool:
     def get(self, slot: int) -> Row:
         """Views of ``slot``: copy them before the slot can be reused."""
         return Row(*(t[slot] for t in self.tensors))
-
-    def gather(self, slots: Sequence[int]) -> list[torch.Tensor]:
-        index = torch.tensor(list(slots), dtype=torch.long)
-        return [t.index_select(0, index) for t in self.tensors]
 
 
 class ShardReader:
@@ -165,27 +159,22 @@ class ShardWriter:
     def __len__(self) -> int:
         return len(self.pending)
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.pending) * self.pool.row_bytes
-
     def add(self, key: str, slot: int) -> None:
         if self.directory is not None:
             self.pending[key] = slot
 
     def flush(self) -> Path | None:
+        """Write the pending rows to a new shard (atomically) and forget them."""
         if self.directory is None or not self.pending:
             return None
-        keys = list(self.pending)
-        tensors = dict(zip(TENSORS, self.pool.gather(self.pending.values())))
-        tensors["keys"] = torch.frombuffer(bytearray(b"".join(bytes.fromhex(k) for k in keys)),
-                                           dtype=torch.uint8).reshape(len(keys), 32)
+        keys = torch.frombuffer(bytearray(b"".join(bytes.fromhex(k) for k in self.pending)),
+                                dtype=torch.uint8).reshape(len(self.pending), 32)
         metadata = {"format": FORMAT, "identity": self.identity, "max_length": str(self.max_length),
-                    "rows": str(len(keys))}
+                    "rows": str(len(self.pending))}
         path = self.directory / f"features-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
         tmp = path.with_name(path.name + ".tmp")  # not *.safetensors: never read half-written
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
+            _write_shard(tmp, keys, self.pool, list(self.pending.values()), metadata)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -199,6 +188,40 @@ class ShardWriter:
         except Exception as exc:  # noqa: BLE001 - at exit or in GC: say what was lost, don't raise
             warnings.warn(f"TextFeatureCache: could not save {len(self.pending)} pending caption "
                           f"features to {self.directory} ({exc})", stacklevel=1)
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_CHUNK = 256  # rows copied out of the pool per write
+
+
+def _write_shard(path: Path, keys: torch.Tensor, pool: RowPool, slots: list[int],
+                 metadata: dict[str, str]) -> None:
+    """A safetensors file of ``keys`` and the pool's rows at ``slots``, streamed a chunk of
+    rows at a time: writing a shard never holds a second copy of the pending rows (which
+    would take memory outside the cache's bound)."""
+    names = ("keys", *TENSORS)
+    shapes = [list(keys.shape)] + [[len(slots), *t.shape[1:]] for t in pool.tensors]
+    dtypes = [keys.dtype] + [t.dtype for t in pool.tensors]
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in zip(names, shapes, dtypes):
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(keys.numpy().tobytes())
+        for tensor in pool.tensors:
+            for start in range(0, len(slots), _CHUNK):
+                index = torch.tensor(slots[start:start + _CHUNK], dtype=torch.long)
+                f.write(tensor.index_select(0, index).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 __all__ = ["FORMAT", "TENSORS", "Row", "RowPool", "ShardReader", "ShardWriter"]
