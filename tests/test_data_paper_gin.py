@@ -91,3 +91,28 @@ def test_paper_run_file_builds_on_a_fixture_tree(name, roots, tmp_path):
         assert tuple(exp.model.tokenizer.grid(256)) == (16, 16)
     finally:
         exp.trainer.close()
+
+
+@pytest.mark.slow
+def test_paper_run_file_trains_on_the_cub_fixture(roots, tmp_path):
+    """The acceptance command on the CUB layout, shrunk to seconds: the paper's run file with
+    its data/guidance/schedule blocks, a small model and the random CLIP text tower."""
+    import json
+
+    from lgvq_plugins.run import main
+
+    small = ["IMAGE_SIZE = 32", "NUM_CODES = 32", "CODE_DIM = 8", "vqgan.ch = 8", "vqgan.ch_mult = (1, 2)",
+             "vqgan.num_res_blocks = 1", "vqgan.attn_resolutions = ()", "vqgan.disc_ndf = 8",
+             "vqgan.disc_n_layers = 1", "vqgan.perceptual = 'none'", "open_clip.pretrained = None",
+             "LanguageGuided.width = 32", "LanguageGuided.heads = 2", "MAX_STEPS = 2", "BATCH_SIZE = 2",
+             "Trainer.val_every = 2", "Trainer.val_batches = 1", "Trainer.num_samples = 2",
+             "Experiment.eval_batches = 1", "Experiment.report = False", "Trainer.progress = False"]
+    args = ["--gin", str(PAPER / "cub200_cvq_lg.gin"), "--root", str(tmp_path),
+            "--gin_bindings", f"cub200.root = '{roots['cub200']}'"]
+    for binding in small:
+        args += ["--gin_bindings", binding]
+    metrics = main(args)
+    saved = json.loads((tmp_path / "cub200_cvq_lg" / "metrics.json").read_text())
+    assert saved["steps"] == 2 and saved["dataset"] == "cub200" and saved["guidance"] is True
+    assert saved["data"]["train"]["samples"] == 3 and saved["data"]["train"]["skipped"] == 0
+    assert metrics["val_psnr"] == pytest.approx(saved["val_psnr"])
