@@ -49,7 +49,8 @@ def _select(value: Any, keep: list[int], size: int) -> Any:
     return value
 
 
-def drop_bad_samples(batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+def drop_bad_samples(batch: Mapping[str, Any], device: torch.device | str | None = None
+                     ) -> tuple[dict[str, Any], int]:
     """The batch without the samples whose caption is not a non-empty string, and how many
     bad samples were dropped (summed over ranks under DDP). Without a ``caption`` field
     nothing is dropped.
@@ -57,6 +58,9 @@ def drop_bad_samples(batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
     Under DDP every rank must keep the same number of samples (the contrastive loss gathers
     equal-sized batches), so each rank then keeps the first ``min over ranks`` good ones:
     a few good samples may go unused on the other ranks; only bad ones are counted.
+
+    ``device``: where the counts go for the collective (the trainer's device: NCCL needs
+    CUDA tensors); default :func:`~lgvq_plugins.training.distributed.default_device`.
 
     Raises:
         ValueError: when every sample of the batch is bad (on any rank) — nothing to train
@@ -68,7 +72,7 @@ def drop_bad_samples(batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
     keep = [i for i in range(size) if i not in problems]
     count, dropped = len(keep), len(problems)
     if D.is_distributed():
-        device = batch["image"].device if isinstance(batch.get("image"), Tensor) else "cpu"
+        device = device if device is not None else D.default_device()
         least = torch.tensor([count], device=device)
         torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
         total = D.all_reduce_sum(torch.tensor([dropped], device=device))

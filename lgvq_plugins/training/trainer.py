@@ -355,7 +355,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         n = len(micro_batches)
         for i, raw in enumerate(micro_batches):
             if self.skip_bad_samples:
-                raw, skipped = drop_bad_samples(raw)
+                raw, skipped = drop_bad_samples(raw, self.device)
                 self.skipped_samples += skipped
             batch = _to_device(raw, self.device)
             last = i == n - 1
