@@ -115,7 +115,6 @@ class TextFeatureCache:
         self.max_memory_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
         self._stats = CacheStats()
         self._memory: OrderedDict[str, int] = OrderedDict()  # key -> pool slot, least recent first
-        self._free: list[int] = []  # slots given back by evictions
         self._pool = RowPool(None)  # capacity set from the first row's size
         self._disk_index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
         self._shards: list[ShardReader] = []
@@ -277,10 +276,8 @@ class TextFeatureCache:
         """Put ``row`` in a slot (evicting the least recently used row when full)."""
         if self._pool.tensors is None:
             self._pool.capacity = self._capacity(row)
-        if self._free:
-            slot = self._free.pop()
-        elif self._pool.capacity is None or len(self._memory) < self._pool.capacity:
-            slot = len(self._memory)
+        if self._pool.capacity is None or len(self._memory) < self._pool.capacity:
+            slot = len(self._memory)  # slots fill in order; once full, an eviction frees one
         else:
             slot = self._evict()
         self._pool.put(slot, row)
