@@ -181,6 +181,21 @@ def test_truncated_image_found_when_loaded(tmp_path):
     assert lenient.data_report()["by_kind"] == {"truncated_image": 1}
 
 
+def test_bad_files_found_in_loader_workers_are_counted_once(tmp_path):
+    from torch.utils.data import DataLoader
+
+    root = image_text_tree(tmp_path / "d", n=10)
+    truncate(root / "imgs/001.jpg")
+    truncate(root / "imgs/004.jpg")
+    data = build(root, skip_bad_samples=True)
+    for _ in range(2):  # two epochs, fresh workers each time
+        indices = [int(i) for b in DataLoader(data, batch_size=2, num_workers=2) for i in b["index"]]
+        assert 1 not in indices and 4 not in indices and len(indices) == 8
+    report = data.data_report()
+    assert report["by_kind"] == {"truncated_image": 2} and report["skipped"] == 2
+    assert any("001.jpg" in e for e in report["examples"]["truncated_image"])
+
+
 def test_grayscale_cmyk_rgba_converted_and_counted(tmp_path):
     root = tmp_path / "d"
     save_image(root / "gray.png", mode="L", seed=1)

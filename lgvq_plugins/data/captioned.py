@@ -20,15 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
-from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, ProblemTally
+from lgvq_plugins.data.bad_samples import CONVERTED, KINDS, BadSampleError, ProblemTally
 from lgvq_plugins.data.images import load_rgb, read_header
 from lgvq_plugins.data.transforms import Geometry, PaperTransform, choose_caption
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+_KIND_CODES = tuple(KINDS)
 DEFAULT_SPLIT_FRACTIONS = (0.9, 0.05, 0.05)
 
 
@@ -105,7 +107,11 @@ class CaptionedImages(Dataset):
         if not self.records:
             raise ValueError(f"{self.NAME}: no usable samples in split {self.split!r} under {self.root}"
                              f"{self._skipped_note()}.\nExpected layout:\n{self.LAYOUT}")
-        self._known_bad: set[int] = set()
+        # Bad files found while loading, one byte per record (0: not known bad, else 1 + the
+        # index of its kind in KINDS), in shared memory: DataLoader workers (forked or
+        # spawned by torch.multiprocessing) mark what they find, so the others skip it without
+        # decoding it again and the main process can count it for metrics.json.
+        self._load_bad = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
 
     # -- for readers ----------------------------------------------------------------------
     def read_records(self, root: Path, split: str) -> Iterable[Record | BadSampleError]:
@@ -196,15 +202,15 @@ class CaptionedImages(Dataset):
             # A bad file found only now (truncated, corrupt payload): skip to the next good
             # record, deterministically, so every worker and rank makes the same choice.
             j = (index + offset) % len(self.records)
-            if j in self._known_bad:
+            if self._load_bad[j]:
                 continue
             try:
                 return self.make_sample(j, self.load_image(j))
             except BadSampleError as err:
                 if not self.skip_bad_samples:
                     raise
-                self._known_bad.add(j)
-                self.problems.add_error(err)
+                self._load_bad[j] = 1 + (_KIND_CODES.index(err.kind) if err.kind in _KIND_CODES else 0)
+                log.warning("%s", err)  # from a worker too: the log names every file found
         raise ValueError(f"{self.NAME}[{self.split}]: every image failed to load{self._skipped_note()}")
 
     def make_sample(self, index: int, image) -> dict[str, Any]:
@@ -220,10 +226,15 @@ class CaptionedImages(Dataset):
         return {}
 
     def data_report(self) -> dict[str, Any]:
-        """JSON-ready counts for ``metrics.json``: samples kept, files skipped by kind (those
-        found while loading only as far as this process saw them), images converted to RGB."""
-        return {"dataset": self.NAME, "split": self.split, "samples": len(self.records),
-                **self.problems.report()}
+        """JSON-ready counts for ``metrics.json``: samples kept, files skipped by kind (found
+        while building, or while loading in this process or its DataLoader workers), images
+        converted to RGB. Counted once per file."""
+        tally = ProblemTally(self.NAME, counts=self.problems.counts.copy(),
+                             examples={k: list(v) for k, v in self.problems.examples.items()})
+        for j in torch.nonzero(self._load_bad).flatten().tolist():
+            kind = _KIND_CODES[int(self._load_bad[j]) - 1]
+            tally.add(kind, self.records[j].image, "found while loading", warn=False)
+        return {"dataset": self.NAME, "split": self.split, "samples": len(self.records), **tally.report()}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, size={self.size}, "
