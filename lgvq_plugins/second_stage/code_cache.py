@@ -24,7 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lgvq_plugins.text.encoders import encoder_weights_sha256, weights_sha256
-from lgvq_plugins.training.atomic_io import load_tensors, save_tensors, write_json_atomic
+from lgvq_plugins.training.atomic_io import (
+    load_tensors,
+    save_tensors,
+    write_json_atomic,
+)
 
 #: Environment variable overriding the cache folder (default ``~/.cache/lgvq_plugins``),
 #: shared with the FID probe's cache.

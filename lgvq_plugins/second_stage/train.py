@@ -20,8 +20,13 @@ import torch
 from torch import Tensor, nn
 
 import gin
-from lgvq_plugins.training.checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint,
-                                              load_optimizer_state, save_checkpoint)
+from lgvq_plugins.training.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
 
 
 @gin.configurable("second_stage_training")
