@@ -35,6 +35,9 @@ def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
     # nucleus 0.8: masses before each token are 0, .5, .8, .95 -> the first two reach 0.8
     assert filter_logits(logits, top_p=0.8).isfinite().tolist() == [[True, True, False, False]]
     assert filter_logits(logits, top_p=0.81).isfinite().tolist() == [[True, True, True, False]]
+    # exactly reaching top_p is enough (dyadic probabilities: the sums are exact in float32)
+    dyadic = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    assert filter_logits(dyadic, top_p=0.75).isfinite().tolist() == [[True, True, False, False]]
     # the most likely token survives any top_p; order of the vocabulary does not matter
     shuffled = logits[:, [2, 0, 3, 1]]
     assert filter_logits(shuffled, top_p=0.01).isfinite().tolist() == [[False, True, False, False]]
