@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+
+from lgvq_plugins.evaluation.codebook import codebook_stats
 
 #: training-log keys plotted as loss curves, in this order (those present in the log).
 LOSS_KEYS: tuple[str, ...] = ("total", "rec", "perceptual", "quant", "g_gan", "disc_loss",
@@ -92,9 +95,7 @@ def usage_histogram(counts: Sequence[float], *, title: str | None = None) -> byt
         raise ValueError(f"usage_histogram needs a 1-D list of per-code counts, got shape {c.shape}")
     order = np.sort(c)[::-1]
     used = int((c > 0).sum())
-    total = c.sum()
-    p = c[c > 0] / max(total, 1.0)
-    perplexity = float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
+    perplexity = float(codebook_stats(torch.from_numpy(c)).perplexity) if used else 0.0
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.bar(np.arange(c.size), np.maximum(order, 0.5), width=1.0, color="#3b6ea5")
     ax.set_yscale("log")
