@@ -177,6 +177,37 @@ def test_bad_settings_raise_with_the_setting_named() -> None:
         ClusteredVectorQuantizer(dim=4, anchor="nearest")
 
 
+BAD_SETTINGS = [  # (quantizer, settings, the whole message: a changed word or bound fails)
+    (VectorQuantizer, {"distance": "manhattan"}, "vq distance must be 'l2' or 'cosine', got 'manhattan'"),
+    (VectorQuantizer, {"ema_decay": 1.0}, "vq ema_decay must be in [0, 1), got 1.0"),
+    (VectorQuantizer, {"ema_decay": -0.1}, "vq ema_decay must be in [0, 1), got -0.1"),
+    (VectorQuantizer, {"code_dim": 0}, "vq code_dim must be a positive width or None, got 0"),
+    (VectorQuantizer, {"num_codes": 1}, "num_codes must be at least 2, got 1"),
+    (VectorQuantizer, {"chunk_size": 0}, "chunk_size (distance entries per tile) must be positive, got 0"),
+    (ClusteredVectorQuantizer, {"distance": "dot"}, "cvq distance must be 'l2' or 'cosine', got 'dot'"),
+    (ClusteredVectorQuantizer, {"anchor": "nearest"},
+     "cvq anchor must be 'closest', 'random', 'probrandom' or None, got 'nearest'"),
+    (ClusteredVectorQuantizer, {"usage_decay": 1.0}, "cvq usage_decay must be in (0, 1), got 1.0"),
+    (ClusteredVectorQuantizer, {"usage_decay": 0.0}, "cvq usage_decay must be in (0, 1), got 0.0"),
+    (ClusteredVectorQuantizer, {"contrastive_temperature": 0.0},
+     "cvq contrastive_temperature must be positive, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("cls,settings,message", BAD_SETTINGS, ids=lambda v: str(v)[:30])
+def test_bad_settings_raise_with_the_exact_message(cls, settings: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        cls(**{"dim": 4, **settings})
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match="^dim must be a positive latent width, got 0$"):
+        cls(dim=0)
+
+
+def test_boundary_settings_are_accepted() -> None:
+    VectorQuantizer(dim=1, num_codes=2, ema=True, ema_decay=0.0, code_dim=1, chunk_size=1)
+    ClusteredVectorQuantizer(dim=1, num_codes=2, usage_decay=0.5, contrastive_temperature=1e-6, chunk_size=1)
+
+
 # ---------------------------------------------------------------------------------------
 # Nearest-code search
 # ---------------------------------------------------------------------------------------
