@@ -89,8 +89,9 @@ def test_run_report_is_self_contained_with_every_section(tiny_run):
 
 
 @needs_chromium
-def test_report_in_headless_chromium(tiny_run, tmp_path):
-    target = Path(os.environ.get("LGVQ_REPORT_UNDER_TEST", tiny_run / "report.html"))
+def test_report_in_headless_chromium(request, tmp_path):
+    under_test = os.environ.get("LGVQ_REPORT_UNDER_TEST")  # no tiny run needed for another report
+    target = Path(under_test) if under_test else request.getfixturevalue("tiny_run") / "report.html"
     seen, console = browser_check.inspect(target, tmp_path)
     assert [s["id"] for s in seen["sections"]] == SECTION_IDS
     assert all(s["heading"] for s in seen["sections"])
