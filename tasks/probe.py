@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 import gin
 from lgvq_plugins.evaluation.task import is_guided, model_device, tokenizer_of
-from lgvq_plugins.interfaces import TextFeatures
+from lgvq_plugins.interfaces import GuidedOutput, Quantized, TextFeatures
 
 #: alignment losses the probe trains (weight 1 each: the tokenizer is frozen, so the
 #: weights only balance the heads against one another).
@@ -46,10 +46,12 @@ class ProbeSettings:
         text_encoder: registered text encoder for an unguided tokenizer (a guided model's
             own encoder is used for it).
         width, depth, heads: code–text transformer size (None: ``LanguageGuided``'s defaults).
+        pool: the first ``pool`` samples of the training split are the probe's training
+            set (their frozen codes are computed once).
         seed: seed of the heads' initialisation and the sample order.
     """
 
-    steps: int = 300
+    steps: int = 100
     batch_size: int = 16
     lr: float = 1e-3
     train_split: str = "train"
@@ -57,11 +59,13 @@ class ProbeSettings:
     width: int | None = None
     depth: int = 2
     heads: int | None = None
+    pool: int = 1024
     seed: int = 0
 
     def protocol(self) -> dict[str, Any]:
         return {"heads": "probe (trained on frozen codes)", "steps": self.steps, "batch_size": self.batch_size,
-                "lr": self.lr, "train_split": self.train_split, "losses": dict(PROBE_LOSSES), "seed": self.seed}
+                "lr": self.lr, "train_split": self.train_split, "train_images": self.pool, "losses": dict(PROBE_LOSSES),
+                "seed": self.seed}
 
 
 #: attribute (in the tokenizer's ``__dict__``, not a submodule: never in its state_dict)
@@ -121,36 +125,55 @@ def guidance_heads(model: nn.Module, data: Dataset, *, heads: str = "auto", need
 
 def train_probe(tokenizer: nn.Module, data: Dataset, settings: ProbeSettings, text_encoder: Any) -> nn.Module:
     """A :class:`LanguageGuided` around the frozen ``tokenizer`` whose heads (code–text
-    transformer, gsa/mtp/ras heads) are trained for ``settings.steps`` updates."""
+    transformer, gsa/mtp/ras heads) are trained for ``settings.steps`` updates on the first
+    ``settings.pool`` samples of ``data``.
+
+    The tokenizer is frozen, so its codes are computed once per pooled image; each update
+    runs only the heads (and the text encoder, once per distinct caption, through the
+    feature cache). The losses are those :class:`LanguageGuided` computes, on the same
+    :class:`~lgvq_plugins.interfaces.GuidedOutput`.
+    """
     from lgvq_plugins.guidance.model import LanguageGuided
 
     device = model_device(tokenizer)
+    pool = list(range(min(settings.pool, len(data))))
+    if not pool:
+        raise ValueError("the alignment probe got an empty training data set")
+    was_training = tokenizer.training
+    tokenizer.eval()  # frozen codes: no re-anchoring, no EMA updates, no dropout
+    samples = [data[i] for i in pool]
+    captions = [s["caption"] for s in samples]
+    with torch.no_grad():
+        codes = [tokenizer.encode(torch.stack([s["image"] for s in samples[i:i + 64]]).to(device))
+                 for i in range(0, len(samples), 64)]
+    z_q = torch.cat([q.z_q for q in codes])
+    indices = torch.cat([q.indices for q in codes])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         probe = LanguageGuided(tokenizer, text_encoder=text_encoder, losses=PROBE_LOSSES, width=settings.width,
                                depth=settings.depth, heads=settings.heads).to(device)
-        params = list(probe.guidance_parameters())
-        opt = torch.optim.Adam(params, lr=settings.lr)
+        opt = torch.optim.Adam(list(probe.guidance_parameters()), lr=settings.lr)
         order = torch.Generator().manual_seed(settings.seed)
-        flags = [p.requires_grad for p in tokenizer.parameters()]
-        tokenizer.requires_grad_(False)
-        try:
-            probe.train()
-            tokenizer.eval()  # frozen codes: no re-anchoring, no EMA updates, no dropout
+        probe.train()
+        tokenizer.eval()
+        with torch.enable_grad():  # tasks run under no_grad
             for _ in range(settings.steps):
-                idx = torch.randint(0, len(data), (settings.batch_size,), generator=order).tolist()
-                samples = [data[i] for i in idx]
-                images = torch.stack([s["image"] for s in samples]).to(device)
-                with torch.enable_grad():
-                    out = probe(images, captions=[s["caption"] for s in samples])
-                    loss = sum(out.raw_losses.values())
+                idx = torch.randint(0, len(pool), (settings.batch_size,), generator=order)
+                batch_captions = [captions[i] for i in idx.tolist()]
+                z = z_q[idx]
+                hidden = probe.code_text.hidden(z)
+                text = probe.text_cache(batch_captions, device)
+                guided = GuidedOutput(reconstruction=z.new_zeros(0), text=text,
+                                      quantized=Quantized(z, indices[idx], z.new_zeros(())),
+                                      visual_tokens=probe.code_text.proj_out(hidden),
+                                      extras={"visual_factors": (hidden, probe.code_text.proj_out)})
+                batch = {"caption": batch_captions}
+                loss = sum(fn(guided, batch) for fn in probe.alignment_losses.values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        finally:
-            for p, flag in zip(tokenizer.parameters(), flags):
-                p.requires_grad_(flag)
     probe.eval()
+    tokenizer.train(was_training)
     return probe
 
 

@@ -67,6 +67,7 @@ def bind_tiny(cache) -> None:
         "lgvq.metric.shapes_probe.batch_size = 8",
         "alignment_probe.steps = 3",
         "alignment_probe.batch_size = 4",
+        "alignment_probe.pool = 16",
     ])
 
 

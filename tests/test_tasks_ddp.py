@@ -34,6 +34,7 @@ WORKER = textwrap.dedent('''
         "lgvq.metric.shapes_probe.batch_size = 4",
         "alignment_probe.steps = 2",
         "alignment_probe.batch_size = 4",
+        "alignment_probe.pool = 16",
         "lgvq.task.masked_word_prediction.batch_size = 2",
         "lgvq.task.code_word_alignment.batch_size = 2",
         "lgvq.task.retrieval.batch_size = 2",
