@@ -88,7 +88,9 @@ def register_datasets(register):
 
 @hookspec
 def register_tasks(register):
-    """Register downstream tasks (``Task`` contract: ``run(tokenizer, data, out_dir)``)."""
+    """Register evaluation and downstream tasks (``Task`` contract in
+    :mod:`lgvq_plugins.evaluation.task`: a ``needs`` attribute, ``"tokenizer"`` or
+    ``"guided"``, and ``run(model, data, out_dir) -> TaskResult``)."""
 
 
 @hookspec
