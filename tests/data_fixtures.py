@@ -42,6 +42,14 @@ def corrupt(path: Path) -> Path:
     return path
 
 
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour fields plus mild noise: compresses and downsamples like a photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.float64)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (48, 40)) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

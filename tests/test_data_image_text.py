@@ -109,6 +109,23 @@ def test_torchvision_decode_matches_pil(tmp_path):
     assert ours.shape == (3, 40, 48) and (ours.int() - pil.int()).abs().float().mean() < 2.0
 
 
+def test_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    from PIL import Image as PILImage
+
+    from tests.data_fixtures import photo_like
+
+    path = tmp_path / "big.jpg"
+    photo_like(1024, 768).save(path, quality=92)
+    full = load_rgb(path, "t")
+    reduced = load_rgb(path, "t", min_side=128)
+    assert full.shape == (3, 768, 1024) and reduced.shape == (3, 192, 256)  # 1/4 scale in libjpeg
+    assert load_rgb(path, "t", min_side=500).shape == (3, 768, 1024)  # 1/2 would be < 500: full
+    ev = PaperTransform(128, train=False)
+    a, b = ev(full)[0], ev(reduced)[0]
+    assert (a - b).abs().mean() < 0.03  # same picture, within JPEG/filtering noise (range 2)
+    assert PILImage.open(path).size == (1024, 768)
+
+
 # -- bad files ---------------------------------------------------------------------------
 
 def _jsonl(root: Path, records: list) -> None:

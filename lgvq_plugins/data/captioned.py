@@ -82,6 +82,8 @@ class CaptionedImages(Dataset):
 
     NAME = "captioned"
     LAYOUT = ""
+    #: decode large JPEGs at a reduced scale (False for readers with pixel coordinates)
+    REDUCED_DECODE = True
 
     def __init__(self, root: str | os.PathLike, split: str = "train", size: int = 256, *,
                  skip_bad_samples: bool = False, min_image_side: int = 32, check_images: bool = True,
@@ -190,7 +192,9 @@ class CaptionedImages(Dataset):
 
     def load_image(self, index: int):
         rec = self.records[index]
-        return load_rgb(rec.image, self.NAME, rec.mode)
+        # Large JPEGs decode at a reduced scale that still covers the output size, unless
+        # the reader maps pixel coordinates of the original (boxes).
+        return load_rgb(rec.image, self.NAME, rec.mode, self.size if self.REDUCED_DECODE else None)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

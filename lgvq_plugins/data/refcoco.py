@@ -43,6 +43,7 @@ class RefCOCO(CaptionedImages):
 
     NAME = "refcoco"
     LAYOUT = LAYOUT
+    REDUCED_DECODE = False  # boxes are in the original image's pixels
 
     def __init__(self, root: str, split: str = "train", size: int = 256, *, dataset: str = "refcoco",
                  split_by: str = "unc", **kwargs: Any):

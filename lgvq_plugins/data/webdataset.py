@@ -148,7 +148,7 @@ class WebDatasetCaptions(IterableDataset):
         captions = self._captions(raw, where)
         if not captions:
             raise BadSampleError(self.NAME, where, "empty_caption")
-        image = decode_bytes(raw[key], where, self.NAME)
+        image = decode_bytes(raw[key], where, self.NAME, min_side=self.size)
         if min(image.shape[1:]) < self.min_image_side:
             raise BadSampleError(self.NAME, where, "tiny_image", f"{image.shape[2]}x{image.shape[1]}")
         uid = zlib.crc32(where.encode("utf-8")) & 0x7FFFFFFF
