@@ -288,6 +288,22 @@ def test_vq_never_holds_more_than_one_tile_of_distances(monkeypatch: pytest.Monk
     assert sum(r * c for r, c in shapes) == 512 * 300  # every distance computed exactly once
 
 
+def test_default_tile_is_the_documented_16_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default budget is 2²² distance entries (16 MiB in fp32): tiles use all of it when
+    the matrix is larger, and never more."""
+    shapes: list[tuple[int, ...]] = []
+    real_addmm = torch.addmm
+
+    def recording_addmm(*args, **kwargs):
+        result = real_addmm(*args, **kwargs)
+        shapes.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
+    VectorQuantizer(dim=2, num_codes=2048)(torch.randn(1, 2, 64, 64))  # 4096 × 2048 = 2²³ entries
+    assert shapes == [(2048, 2048), (2048, 2048)]
+
+
 def test_per_code_sampling_follows_the_softmax() -> None:
     # 4000 identical codes (each draws on its own Gumbel noise), four vectors at squared
     # distances 0, 1, 2, 3: P(n) ∝ exp(-scale·d_n); chunk 2000 spreads the codes over 8 tiles
