@@ -7,9 +7,9 @@ masked word counts as recalled when the top-scoring vocabulary entry is the orig
 ``recall@1_k<k>`` is the fraction of masked words recalled over the whole set (a caption with
 fewer than ``k`` maskable words is left out and counted in the protocol).
 
-Which words are hidden depends only on ``seed`` and the sample index, so every model and
-every process count sees the same masks. "Words" are the text encoder's tokens (WordPiece
-for MiniLM; every ``shapes`` word is one token).
+Which words are hidden depends only on ``seed`` and the sample's position in the data, so
+every model and every process count sees the same masks. "Words" are the text encoder's
+tokens (WordPiece for MiniLM; every ``shapes`` word is one token).
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ class MaskedWordPrediction:
         # per k: recalled words, masked words, captions used, captions left out
         sums = torch.zeros(len(self.num_masked), 4, dtype=torch.float64, device=device)
         _, total = shard(data, self.max_images)
+        seen = 0  # this rank's samples so far: its j-th sample is data[rank + j·world]
         for batch in batches(data, self.batch_size, self.max_images):
             out = head_outputs(guide, batch)
-            indices = [int(i) for i in batch["index"]] if "index" in batch else None
-            if indices is None:
-                raise ValueError("masked_word_prediction needs each sample's 'index' (fixed masks per sample)")
+            count = len(batch["caption"])
+            indices = [D.rank() + (seen + j) * D.world_size() for j in range(count)]
+            seen += count
             for row, k in enumerate(self.num_masked):
                 mask, valid = fixed_masks(out.text.tokens, indices, k, self.seed)
                 if not bool(mask.any()):

