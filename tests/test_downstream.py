@@ -1,0 +1,133 @@
+"""The generation tasks (issue 11) end to end on a tiny ``shapes`` split, in seconds.
+
+A tiny VQ-GAN (32×32 images, 8×8 codes, K=32), a 1-layer CodeGPT trained for a few steps
+on 24 cached training images, 6 evaluated images, a few-step ``shapes_probe``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lgvq_plugins.tasks.completion import Completion
+from lgvq_plugins.tasks.unconditional import train_split_of
+
+import gin
+from lgvq_plugins import api
+from lgvq_plugins.evaluation.task import TaskResult, run_tasks
+
+GENERATIVE = ["unconditional", "completion", "text_to_image"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer():
+    torch.manual_seed(0)
+    return api.create_backbone("vqgan", resolution=32, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1,
+                               attn_resolutions=(), z_channels=8, embed_dim=8, quantizer_config={"num_codes": 32},
+                               disc_ndf=8, disc_n_layers=1).eval()
+
+
+def bind_tiny(cache) -> None:
+    gin.parse_config([
+        f"lgvq.metric.shapes_probe.cache_dir = '{cache}'",
+        "lgvq.metric.shapes_probe.num_train = 32",
+        "lgvq.metric.shapes_probe.steps = 3",
+        "second_stage_training.steps = 6",
+        "second_stage_training.batch_size = 4",
+        "CodeGPT.width = 32",
+        "CodeGPT.depth = 1",
+        "CodeGPT.heads = 2",
+        *[f"lgvq.task.{t}.{k}" for t in GENERATIVE
+          for k in ("train_images = 24", f"cache_dir = '{cache}'", "batch_size = 4", "max_images = 6")],
+    ])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("eval")
+    gin.clear_config()
+    bind_tiny(cache)
+    tok = tiny_tokenizer()
+    data = api.create_dataset("shapes", split="test", size=32, num_samples=8)
+    results = run_tasks(tok, data, GENERATIVE, out)
+    yield tok, data, cache, out, results
+    gin.clear_config()
+
+
+def test_every_generation_task_is_registered():
+    assert set(GENERATIVE) <= set(api.list_tasks())
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_task_end_to_end(setup, name):
+    _, _, _, out, results = setup
+    r = results[name]
+    assert isinstance(r, TaskResult)
+    assert r.metrics["fid"] is not None and math.isfinite(r.metrics["fid"]) and r.metrics["fid"] >= 0
+    # a barely trained prior over 32 codes: cross-entropy near ln 32 (uniform), not far beyond
+    assert 0.5 * math.log(32) < r.metrics["nll"] < 2 * math.log(32)
+    assert r.metrics["bits_per_code"] == pytest.approx(r.metrics["nll"] / math.log(2))
+    assert r.protocol["images"] == 6 and r.protocol["prior"]["train"]["images"] == 24
+    assert r.protocol["prior"]["train"]["grid"] == [8, 8]
+    assert r.protocol["fid"]["extractor"] == "shapes_probe"
+    assert (out / name / r.artefacts["samples"]).is_file()
+    assert (out / name / "result.json").is_file()
+
+
+def test_unconditional_and_completion_share_one_prior(setup):
+    results = setup[-1]
+    # same codes, same seed, same settings: the same prior, so the same held-out nll
+    assert results["unconditional"].metrics["nll"] == pytest.approx(results["completion"].metrics["nll"], rel=1e-6)
+    assert results["text_to_image"].metrics["nll"] != pytest.approx(results["unconditional"].metrics["nll"])
+
+
+def test_text_to_image_reports_caption_match(setup):
+    r = setup[-1]["text_to_image"]
+    assert 0.0 <= r.metrics["caption_match"] <= 1.0 and 0.0 <= r.metrics["caption_match_real"] <= 1.0
+    assert r.protocol["conditioning"] == "text"
+
+
+def test_caption_match_is_unavailable_without_the_probe(setup, tmp_path):
+    tok, data, cache, *_ = setup
+    bind_tiny(cache)  # conftest clears gin around every test
+    gin.parse_config(["lgvq.task.text_to_image.fid_extractor = None"])  # create_* drops None kwargs
+    r = run_tasks(tok, data, ["text_to_image"], tmp_path)["text_to_image"]
+    assert r.metrics["caption_match"] is None and "shapes_probe" in r.unavailable["caption_match"]
+    assert r.metrics["fid"] is None and "fid" in r.unavailable
+
+
+def test_a_second_run_resumes_the_trained_prior(setup, monkeypatch):
+    tok, data, cache, out, results = setup
+    bind_tiny(cache)
+    import lgvq_plugins.tasks.unconditional as unc
+
+    steps = []
+    real = unc.train_code_gpt
+    monkeypatch.setattr(unc, "train_code_gpt", lambda *a, **k: steps.append(real(*a, **k)["steps"]) or
+                        {"loss": 0.0, "steps": steps[-1], "codes_per_s": None})
+    again = run_tasks(tok, data, ["unconditional"], out)["unconditional"]
+    assert steps == [6]  # loaded at its final step: no update taken
+    assert again.metrics["nll"] == pytest.approx(results["unconditional"].metrics["nll"], rel=1e-6)
+    assert again.metrics["fid"] == pytest.approx(results["unconditional"].metrics["fid"], rel=1e-6)
+
+
+def test_completion_gives_the_top_half_rows():
+    codes = torch.arange(2 * 8 * 8).reshape(2, 64)
+    assert torch.equal(Completion().given(codes, (8, 8)), codes[:, :32])
+    assert Completion(given_rows=3).given(codes, (8, 8)).shape == (2, 24)
+
+
+def test_the_prior_never_trains_on_the_evaluated_split(setup):
+    data = setup[1]
+    with pytest.raises(ValueError, match="train_split"):
+        train_split_of(data, "test", 4)
+    train = train_split_of(data, "train", 4)
+    assert train.split == "train" and len(train) == 4 and train.size == data.size
