@@ -203,6 +203,18 @@ def test_bad_settings_raise_with_the_exact_message(cls, settings: dict, message:
         cls(dim=0)
 
 
+def test_defaults_are_the_documented_reference_values() -> None:
+    """taming's VQ (K 1024, β 0.25, EMA decay 0.99) and CVQ-VAE's (cosine, probrandom,
+    usage decay 0.99, contrastive temperature 0.07); 2²² distance entries per tile."""
+    assert VectorQuantizer(dim=4).config == {
+        "dim": 4, "num_codes": 1024, "beta": 0.25, "distance": "l2", "legacy": False, "ema": False,
+        "ema_decay": 0.99, "ema_eps": 1e-5, "code_dim": None, "chunk_size": 2**22}
+    assert ClusteredVectorQuantizer(dim=4).config == {
+        "dim": 4, "num_codes": 1024, "beta": 0.25, "distance": "cosine", "anchor": "probrandom",
+        "usage_decay": 0.99, "contrastive": False, "contrastive_temperature": 0.07, "first_batch": False,
+        "legacy": False, "chunk_size": 2**22, "seed": 0}
+
+
 def test_boundary_settings_are_accepted() -> None:
     VectorQuantizer(dim=1, num_codes=2, ema=True, ema_decay=0.0, code_dim=1, chunk_size=1)
     ClusteredVectorQuantizer(dim=1, num_codes=2, usage_decay=0.5, contrastive_temperature=1e-6, chunk_size=1)
