@@ -4,6 +4,7 @@ epoch (reshuffled per epoch), and bad samples in shards are named or skipped."""
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from lgvq_plugins import api
@@ -72,3 +73,32 @@ def test_missing_shards_are_named(tmp_path):
         api.create_dataset("webdataset", urls=str(tmp_path / "train-{000003..000004}.tar"))
     with pytest.raises(ValueError, match="no shards for split 'val'"):
         api.create_dataset("webdataset", urls={"train": "x.tar"}, split="val")
+
+
+def test_grayscale_and_cmyk_members_are_converted_and_counted(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    members = {}
+    for key, image, fmt in (("gray", Image.new("L", (40, 40), 128), "PNG"),
+                            ("cmyk", Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"),
+                            ("rgb", Image.new("RGB", (40, 40), (0, 0, 255)), "PNG")):
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        members[f"{key}.{'png' if fmt == 'PNG' else 'jpg'}"] = buf.getvalue()
+        members[f"{key}.txt"] = f"a {key} square".encode()
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = api.create_dataset("webdataset", urls=str(path), split="val", size=32, rank=0, world_size=1)
+    samples = {s["key"]: s for s in data}
+    assert data.data_report()["converted_to_rgb"] == 2
+    red = samples["cmyk"]["image"].mean(dim=(1, 2))
+    assert red[0] > 0.8 and red[1] < -0.8 and red[2] < -0.8, red
+    gray = samples["gray"]["image"]
+    assert torch.equal(gray[0], gray[1]) and abs(float(gray.mean()) - (128 / 127.5 - 1)) < 0.01

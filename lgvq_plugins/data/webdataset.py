@@ -19,6 +19,7 @@ own (see docs/data.md).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -28,9 +29,10 @@ from typing import Any
 
 import webdataset as wds
 from braceexpand import braceexpand
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lgvq_plugins.data.bad_samples import BadSampleError, ProblemTally
+from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, ProblemTally
 from lgvq_plugins.data.captioned import clean_captions
 from lgvq_plugins.data.images import decode_bytes
 from lgvq_plugins.data.transforms import PaperTransform, choose_caption
@@ -41,6 +43,16 @@ LAYOUT = """\
   urls: a brace pattern or list of tar shards, e.g. '/data/shards/train-{000000..000127}.tar'
   each shard: <key>.jpg (or .jpeg/.png/.webp) + <key>.txt (captions, one per line) or <key>.json
               ({"caption": "..."} or {"captions": ["...", ...]})"""
+
+
+def _header_mode(data: bytes) -> str | None:
+    """The PIL mode an encoded image's header declares (None when unreadable: decoding then
+    reports the problem)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return str(im.mode)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the decoder
+        return None
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -148,7 +160,10 @@ class WebDatasetCaptions(IterableDataset):
         captions = self._captions(raw, where)
         if not captions:
             raise BadSampleError(self.NAME, where, "empty_caption")
-        image = decode_bytes(raw[key], where, self.NAME, min_side=self.size)
+        mode = _header_mode(raw[key])  # CMYK etc. go to PIL; non-RGB images are counted
+        image = decode_bytes(raw[key], where, self.NAME, mode=mode, min_side=self.size)
+        if mode not in (None, "RGB"):
+            self.problems.add(CONVERTED, where, f"mode {mode}")
         if min(image.shape[1:]) < self.min_image_side:
             raise BadSampleError(self.NAME, where, "tiny_image", f"{image.shape[2]}x{image.shape[1]}")
         uid = zlib.crc32(where.encode("utf-8")) & 0x7FFFFFFF
