@@ -30,14 +30,11 @@ def _ranks(run: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(run / f"state_rank{r}.safetensors")) for r in range(2)]
 
 
-def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip_disc_stats: bool = False) -> list[str]:
-    """Names of the tensors that differ. ``skip_disc_stats``: leave out the discriminator's
-    BatchNorm running statistics. Those are per-rank buffers (each rank's batches update
-    its own; only rank 0's are checkpointed) that no training step reads — the
-    discriminator only runs in train mode, on batch statistics."""
+def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors that differ (weights and buffers, the discriminator's BatchNorm
+    running statistics included: the trainer broadcasts rank 0's after every update)."""
     assert a.keys() == b.keys()
-    return sorted(k for k in a if not torch.equal(a[k], b[k])
-                  and not (skip_disc_stats and "discriminator" in k and _is_bn_stat(k)))
+    return sorted(k for k in a if not torch.equal(a[k], b[k]))
 
 
 def _is_bn_stat(key: str) -> bool:
@@ -75,8 +72,8 @@ def test_two_process_discriminators_stay_identical(uninterrupted):
     rank0, rank1 = _ranks(run)
     disc = [k for k in rank0 if "discriminator" in k and not _is_bn_stat(k)]  # its parameters
     assert disc, "the tiny vqgan has no discriminator parameters in its state_dict"
-    # every weight and buffer, the discriminator's included (but for its BatchNorm statistics)
-    assert _differing(rank0, rank1, skip_disc_stats=True) == []
+    # every weight and buffer, the discriminator's BatchNorm statistics included
+    assert _differing(rank0, rank1) == []
     # ... and the discriminator does train: step 3 changed its weights
     before = load_file(str(run / "checkpoints" / "step_00000002" / "discriminator.safetensors"))
     assert sorted(before) == sorted(disc)
@@ -103,5 +100,5 @@ def test_two_process_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_pat
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["codebooks_identical"] is True
     (got0, got1), (expected0, expected1) = _ranks(run), _ranks(reference)
-    assert _differing(got0, expected0) == []  # rank 0: everything, its own statistics were saved
-    assert _differing(got1, expected1, skip_disc_stats=True) == []
+    assert _differing(got0, expected0) == []
+    assert _differing(got1, expected1) == []

@@ -20,16 +20,14 @@ a module DDP could wrap. The global batch is ``batch_size × world size``.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lgvq_plugins.training import distributed as D
@@ -39,43 +37,15 @@ from lgvq_plugins.interfaces import GuidedOutput, LossOutput, Tokenizer
 from lgvq_plugins.data.sampler import ResumableSampler
 from lgvq_plugins.training.logs import MetricsLogger, to_float
 from lgvq_plugins.training.optim import create_optimizer, create_scheduler
+from lgvq_plugins.training.step_utils import (
+    NonFiniteLossError, accumulate, check_finite, check_positive, frozen, to_device,
+)
 from lgvq_plugins.training.trainer_eval import TrainerEvaluation, codebook_fingerprint
 from lgvq_plugins.training.trainer_resume import ConfigMismatchError, TrainerCheckpoints
 
 
 #: log entries shown on the progress bar (tokenizers name their reconstruction term differently)
 _PROGRESS_KEYS = ("loss", "rec_loss", "rec", "q_usage", "disc_loss", "images_per_sec")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf; training stopped before any update used it."""
-
-
-# ---------------------------------------------------------------------------------------
-# Data order that survives a restart
-# ---------------------------------------------------------------------------------------
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Temporarily set ``requires_grad=False``: the graph built inside gets no edges to them."""
-    previous = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, previous):
-            p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,7 +138,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         dump_codebooks: bool = False,
         skip_bad_samples: bool = False,
     ):
-        _check_positive(max_steps=max_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+        check_positive(max_steps=max_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                         num_samples=num_samples, keep_last=keep_last)
         if precision not in {"auto", "bf16", "fp32"}:
             raise ValueError(f"Trainer.precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
@@ -212,6 +182,12 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         self.disc_params = [p for p in self.tokenizer.discriminator_parameters() if p.requires_grad]
         disc_ids = {id(p) for p in self.disc_params}
         self.disc_param_names = [n for n, p in self.model.named_parameters() if id(p) in disc_ids]
+        # Buffers of the modules that hold discriminator weights (BatchNorm running statistics):
+        # the discriminator is outside DDP, so rank 0's are broadcast after each update to keep
+        # every rank's discriminator identical to the one that is checkpointed.
+        self.disc_buffers = [b for m in self.model.modules()
+                             if any(id(p) in disc_ids for p in m.parameters(recurse=False))
+                             for b in m.buffers(recurse=False)]
         self.gen_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in disc_ids]
         if not self.gen_params:
             raise ValueError("the model has no trainable generator parameters")
@@ -357,7 +333,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
             if self.skip_bad_samples:
                 raw, skipped = drop_bad_samples(raw, self.device)
                 self.skipped_samples += skipped
-            batch = _to_device(raw, self.device)
+            batch = to_device(raw, self.device)
             last = i == n - 1
             sync = contextlib.nullcontext() if (last or self.ddp_model is self.model) else self.ddp_model.no_sync()
             with sync:
@@ -369,7 +345,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
                         gen: LossOutput = self.tokenizer.generator_loss(batch["image"], guided.reconstruction,
                                                                          guided.quantized, step)
                         total = gen.loss + sum(guided.losses.values(), torch.zeros((), device=gen.loss.device))
-                self._check_finite(step, total, gen, guided.losses)
+                check_finite(step, total, gen, guided.losses, self.ckpt_dir)
                 with frozen(self.disc_params):
                     (total / n).backward()
             disc: LossOutput | None = None
@@ -377,20 +353,20 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
                 with self.autocast():
                     disc = self.tokenizer.discriminator_loss(batch["image"], guided.reconstruction.detach(), step)
                 if disc is not None:
-                    self._check_finite(step, disc.loss, disc, {}, side="discriminator")
+                    check_finite(step, disc.loss, disc, {}, self.ckpt_dir, side="discriminator")
                     if disc.loss.requires_grad:
                         (disc.loss / n).backward()
-            _accumulate(sums, "loss", total)
+            accumulate(sums, "loss", total)
             for k, v in gen.logs.items():
-                _accumulate(sums, k, v)
+                accumulate(sums, k, v)
             for k, v in guided.raw_losses.items():
-                _accumulate(sums, f"lg_{k}", v)
+                accumulate(sums, f"lg_{k}", v)
             for k, v in guided.quantized.stats.items():
-                _accumulate(sums, f"q_{k}", v)
+                accumulate(sums, f"q_{k}", v)
             if disc is not None:
-                _accumulate(sums, "disc_loss", disc.loss)
+                accumulate(sums, "disc_loss", disc.loss)
                 for k, v in disc.logs.items():
-                    _accumulate(sums, f"disc_{k}" if not k.startswith("disc") else k, v)
+                    accumulate(sums, f"disc_{k}" if not k.startswith("disc") else k, v)
 
         if self.clip_grad_norm:
             sums["grad_norm"] = n * to_float(torch.nn.utils.clip_grad_norm_(self.gen_params, self.clip_grad_norm))
@@ -400,6 +376,8 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.disc_params, self.clip_grad_norm)
             self.optimizers["discriminator"].step()
+            for buffer in self.disc_buffers:
+                D.broadcast(buffer, src=0)
         self.step += 1
         logs = {k: v / n for k, v in sums.items()}
         logs["lr"] = self.optimizers["generator"].param_groups[0]["lr"]
@@ -407,43 +385,8 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
             logs["skipped_samples"] = float(self.skipped_samples)  # since the start of this process
         return logs
 
-    def _check_finite(self, step: int, total: Tensor, out: LossOutput, extra: Mapping[str, Tensor],
-                      side: str = "generator") -> None:
-        """Stop with a message naming the step and the loss term when anything is NaN/Inf.
-
-        Under DDP every rank learns of a bad rank, so all stop together instead of hanging.
-        """
-        ok = torch.isfinite(total.detach()).all().float()
-        if D.is_distributed():
-            flag = ok.reshape(1).clone()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            ok = flag[0]
-        if bool(ok.item()):
-            return
-        terms = {**{k: v for k, v in out.logs.items()}, **dict(extra)}
-        bad = [k for k, v in terms.items() if not math.isfinite(to_float(v))]
-        where = ", ".join(repr(k) for k in bad) if bad else f"the total {side} loss"
-        raise NonFiniteLossError(
-            f"non-finite {side} loss at step {step + 1} (loss term {where}; total = {to_float(total)}). "
-            f"Training stopped before the update; the last good checkpoint in {self.ckpt_dir} is untouched. "
-            "Try a lower learning rate (Trainer.base_lr), gradient clipping (Trainer.clip_grad_norm) "
-            "or fp32 (Trainer.precision = 'fp32').")
-
     def close(self) -> None:
         self.logger.close()
-
-
-def _accumulate(sums: dict[str, float], key: str, value: Any) -> None:
-    try:
-        sums[key] = sums.get(key, 0.0) + to_float(value)
-    except (TypeError, ValueError, RuntimeError):
-        pass  # a non-scalar log entry: not for the scalar logs
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"Trainer.{name} must be a positive integer, got {value!r}")
 
 
 __all__ = ["Trainer", "NonFiniteLossError", "ConfigMismatchError", "codebook_fingerprint", "frozen"]
