@@ -8,14 +8,17 @@ Feature extractors (``metric`` registry; gin module ``lgvq.metric``): ``inceptio
 
 from __future__ import annotations
 
+from lgvq_plugins.tasks.captioning import Captioning
 from lgvq_plugins.tasks.code_word import CodeWordAlignment
 from lgvq_plugins.tasks.completion import Completion
 from lgvq_plugins.tasks.features import InceptionFeatures, ShapesProbe
+from lgvq_plugins.tasks.grounding import Grounding
 from lgvq_plugins.tasks.masked_words import MaskedWordPrediction
 from lgvq_plugins.tasks.reconstruction import Reconstruction
 from lgvq_plugins.tasks.retrieval import Retrieval
 from lgvq_plugins.tasks.text_to_image import TextToImage
 from lgvq_plugins.tasks.unconditional import Unconditional
+from lgvq_plugins.tasks.vqa import VQA
 
 from lgvq_plugins.hookspecs import hookimpl
 
@@ -29,6 +32,9 @@ def register_tasks(register):
     register("unconditional", Unconditional)
     register("completion", Completion)
     register("text_to_image", TextToImage)
+    register("captioning", Captioning)
+    register("vqa", VQA)
+    register("grounding", Grounding)
 
 
 @hookimpl

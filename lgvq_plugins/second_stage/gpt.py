@@ -56,11 +56,14 @@ class CodeGPT(nn.Module):
         max_prefix: longest prefix (learned positional embeddings for the prefix).
         width, depth, heads: transformer size.
         dropout: attention / MLP dropout while training.
+        pad_id: a token that is never a target (variable-length sequences such as captions);
+            None: every position is a target.
     """
 
     def __init__(self, num_codes: int, seq_len: int, cond_dim: int | None = None, max_prefix: int = 64,
-                 width: int = 128, depth: int = 4, heads: int = 4, dropout: float = 0.0):
+                 width: int = 128, depth: int = 4, heads: int = 4, dropout: float = 0.0, pad_id: int | None = None):
         super().__init__()
+        self.pad_id = pad_id
         self.num_codes, self.seq_len = int(num_codes), int(seq_len)
         self.cond_dim, self.max_prefix = (int(cond_dim) if cond_dim else None), int(max_prefix)
         self.tok = nn.Embedding(self.num_codes, width)
@@ -121,9 +124,10 @@ class CodeGPT(nn.Module):
         return self.head(self.ln_f(x[:, n_pre:]))
 
     def loss(self, codes: Tensor, prefix: Tensor | None = None, prefix_mask: Tensor | None = None) -> Tensor:
-        """Mean next-code cross-entropy (nats per code)."""
+        """Mean next-code cross-entropy (nats per code; ``pad_id`` targets left out)."""
         logits = self(codes, prefix, prefix_mask)
-        return F.cross_entropy(logits.reshape(-1, self.num_codes).float(), codes.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, self.num_codes).float(), codes.reshape(-1),
+                               ignore_index=-100 if self.pad_id is None else self.pad_id)
 
     @torch.no_grad()
     def sample(self, batch: int, *, prefix: Tensor | None = None, prefix_mask: Tensor | None = None,
