@@ -8,9 +8,8 @@ compares the completed images with the originals.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from lgvq_plugins.tasks.unconditional import GenerativeTask
+from torch import Tensor
 
 
 class Completion(GenerativeTask):

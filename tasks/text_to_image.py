@@ -17,13 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lgvq_plugins.tasks.features import shapes_labels
+from lgvq_plugins.tasks.unconditional import GenerativeTask, looks_like_shapes
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lgvq_plugins import api
 from lgvq_plugins.second_stage.code_cache import cached_caption_features
-from lgvq_plugins.tasks.features import shapes_labels
-from lgvq_plugins.tasks.unconditional import GenerativeTask, looks_like_shapes
 
 
 class TextToImage(GenerativeTask):
