@@ -150,8 +150,10 @@ def train_probe(tokenizer: nn.Module, data: Dataset, settings: ProbeSettings, te
     indices = torch.cat([q.indices for q in codes])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        probe = LanguageGuided(tokenizer, text_encoder=text_encoder, losses=PROBE_LOSSES, width=settings.width,
-                               depth=settings.depth, heads=settings.heads).to(device)
+        # enabled=True explicitly: an unguided run's gin (`LanguageGuided.enabled = False`) must
+        # not switch the probe's heads off
+        probe = LanguageGuided(tokenizer, text_encoder=text_encoder, losses=PROBE_LOSSES, enabled=True,
+                               width=settings.width, depth=settings.depth, heads=settings.heads).to(device)
         opt = torch.optim.Adam(list(probe.guidance_parameters()), lr=settings.lr)
         order = torch.Generator().manual_seed(settings.seed)
         probe.train()

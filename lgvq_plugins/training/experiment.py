@@ -305,17 +305,20 @@ class Experiment:
                    ("val", trainer.val_data)) if hasattr(data, "data_report")}
         if reports:
             metrics["data"] = reports
+        metrics["wall_time_s"] = time.time() - self._start
+        if self.is_main_process:  # saved before the tasks: a failing task leaves a usable run
+            from lgvq_plugins.pretrained import save_pretrained
+
+            save_pretrained(self.model, self.run_dir / "pretrained")
+            write_json_atomic(self.run_dir / "metrics.json", metrics)
         task_data = api.create_dataset(self.dataset, split=self.task_split) if self.tasks or self.report else None
         if self.tasks:  # every rank runs the tasks (each takes its rank::world shard)
             from lgvq_plugins.evaluation.task import run_tasks
 
             results = run_tasks(self.model, task_data, self.tasks, self.run_dir / "eval")
             metrics["tasks"] = {name: r.to_json() for name, r in results.items()}
-        metrics["wall_time_s"] = time.time() - self._start
+            metrics["wall_time_s"] = time.time() - self._start
         if self.is_main_process:
-            from lgvq_plugins.pretrained import save_pretrained
-
-            save_pretrained(self.model, self.run_dir / "pretrained")
             write_json_atomic(self.run_dir / "metrics.json", metrics)
             if self.report:
                 from lgvq_plugins.evaluation.report import write_run_report
