@@ -36,6 +36,7 @@ class TextToImage(GenerativeTask):
     """
 
     conditioning = "text"
+    extra_sums = ("match", "match_real")
 
     def __init__(self, *args: Any, text_encoder: str = "minilm", max_caption_tokens: int = 32, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -62,19 +63,23 @@ class TextToImage(GenerativeTask):
 
     def extra_metrics(self, data: Dataset, indices: list[int], images: Tensor, extractor: nn.Module | None,
                       sums: dict[str, float]) -> None:
-        if extractor is None or not looks_like_shapes(data) or not hasattr(getattr(extractor, "net", None), "head"):
+        if not self._can_match(data, extractor):
             return
         n_combo = len(data.SHAPES) * len(data.COLOURS) * len(data.SIZES)
         truth = torch.stack([shapes_labels(data, i)[:n_combo] for i in indices]).bool().to(images.device)
         real = torch.stack([data[i]["image"] for i in indices]).to(images.device)
-        sums["match"] = sums.get("match", 0.0) + float((self._objects(extractor, images, n_combo) == truth)
+        sums["match"] += float((self._objects(extractor, images, n_combo) == truth)
                                                        .all(1).sum())
-        sums["match_real"] = sums.get("match_real", 0.0) + float((self._objects(extractor, real, n_combo) == truth)
+        sums["match_real"] += float((self._objects(extractor, real, n_combo) == truth)
                                                                  .all(1).sum())
 
-    def finish_metrics(self, sums: dict[str, float], n: int, metrics: dict[str, float | None],
+    @staticmethod
+    def _can_match(data: Dataset, extractor: nn.Module | None) -> bool:
+        return extractor is not None and looks_like_shapes(data) and hasattr(getattr(extractor, "net", None), "head")
+
+    def finish_metrics(self, data: Dataset, sums: dict[str, float], n: int, metrics: dict[str, float | None],
                        unavailable: dict[str, str], extractor: nn.Module | None) -> None:
-        if "match" in sums:
+        if self._can_match(data, extractor):
             metrics["caption_match"] = sums["match"] / max(n, 1)
             metrics["caption_match_real"] = sums["match_real"] / max(n, 1)
         else:

@@ -80,6 +80,9 @@ class GenerativeTask:
     needs = "tokenizer"
     #: what conditions the prior ("none", "text", "top_half")
     conditioning = "none"
+    #: per-batch sums :meth:`extra_metrics` adds to (every rank starts them at 0, so the
+    #: all-reduce sees the same keys even on a rank with an empty shard)
+    extra_sums: tuple[str, ...] = ()
 
     def __init__(self, max_images: int | None = 256, batch_size: int = 32, train_split: str = "train",
                  train_images: int | None = 2000, fid_extractor: str | None = "auto",
@@ -110,7 +113,7 @@ class GenerativeTask:
                       sums: dict[str, float]) -> None:
         """Add per-batch sums of task-specific metrics (text_to_image: caption match)."""
 
-    def finish_metrics(self, sums: dict[str, float], n: int, metrics: dict[str, float | None],
+    def finish_metrics(self, data: Dataset, sums: dict[str, float], n: int, metrics: dict[str, float | None],
                        unavailable: dict[str, str], extractor: nn.Module | None) -> None:
         """Turn the sums of :meth:`extra_metrics` into metrics."""
 
@@ -163,7 +166,7 @@ class GenerativeTask:
         real_feats: list[Tensor] = []
         fake_feats: list[Tensor] = []
         grid: list[Tensor] = []
-        sums: dict[str, float] = {"nll": 0.0, "codes": 0.0}
+        sums: dict[str, float] = {"nll": 0.0, "codes": 0.0, **dict.fromkeys(self.extra_sums, 0.0)}
         gen = torch.Generator(device=device).manual_seed(self.seed * 1000 + D.rank())
         indices = list(subset.indices)
         for start in range(0, len(indices), self.batch_size):
@@ -202,7 +205,7 @@ class GenerativeTask:
                                                        seed=self.seed)["fid"]
             else:
                 unavailable["fid"] = f"FID needs at least 2 images, got {real.shape[0]}"
-        self.finish_metrics(sums, n_all, metrics, unavailable, extractor)
+        self.finish_metrics(data, sums, n_all, metrics, unavailable, extractor)
         protocol: dict[str, Any] = {
             "split": getattr(data, "split", None), "images": n_all, "conditioning": self.conditioning,
             "sampling": {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
