@@ -16,6 +16,7 @@ from lgvq_plugins.tasks.grounding import Grounding
 from lgvq_plugins.tasks.masked_words import MaskedWordPrediction
 from lgvq_plugins.tasks.reconstruction import Reconstruction
 from lgvq_plugins.tasks.retrieval import Retrieval
+from lgvq_plugins.tasks.semantic_synthesis import SemanticSynthesis
 from lgvq_plugins.tasks.text_to_image import TextToImage
 from lgvq_plugins.tasks.unconditional import Unconditional
 from lgvq_plugins.tasks.vqa import VQA
@@ -32,6 +33,7 @@ def register_tasks(register):
     register("unconditional", Unconditional)
     register("completion", Completion)
     register("text_to_image", TextToImage)
+    register("semantic_synthesis", SemanticSynthesis)
     register("captioning", Captioning)
     register("vqa", VQA)
     register("grounding", Grounding)

@@ -94,6 +94,7 @@ class GenerativeTask:
         self.fid_extractor, self.fid_extractor_config = fid_extractor, dict(fid_extractor_config or {})
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
         self.seed, self.cache_dir, self.grid_images = int(seed), cache_dir, int(grid_images)
+        self.grid: tuple[int, int] | None = None  # the code grid, known once codes are extracted
 
     # -- hooks for the conditioned tasks ----------------------------------------------------
     def cond_dim(self) -> int | None:
@@ -137,6 +138,7 @@ class GenerativeTask:
         train = train_split_of(data, self.train_split, self.train_images)
         codes = cached_codes(tokenizer, train, batch_size=self.batch_size, cache_dir=self.cache_dir)
         flat = codes.reshape(codes.shape[0], -1)
+        self.grid = (int(codes.shape[1]), int(codes.shape[2]))  # (h, w), for the prefix hooks
         prefix, mask = self.prefix(train, list(range(len(train))), flat)
         settings = TrainSettings()
         with torch.random.fork_rng(devices=[]):

@@ -17,7 +17,7 @@ import gin
 from lgvq_plugins import api
 from lgvq_plugins.evaluation.task import TaskResult, run_tasks
 
-GENERATIVE = ["unconditional", "completion", "text_to_image"]
+GENERATIVE = ["unconditional", "completion", "text_to_image", "semantic_synthesis"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,6 +123,22 @@ def test_completion_gives_the_top_half_rows():
     codes = torch.arange(2 * 8 * 8).reshape(2, 64)
     assert torch.equal(Completion().given(codes, (8, 8)), codes[:, :32])
     assert Completion(given_rows=3).given(codes, (8, 8)).shape == (2, 24)
+
+
+def test_semantic_prefix_holds_class_fractions_per_code_cell(setup):
+    from lgvq_plugins.tasks.semantic_synthesis import SemanticSynthesis
+
+    semantic = torch.zeros(4, 4, dtype=torch.long)
+    semantic[:2, :2] = 1  # top-left cell: all class 1
+    semantic[2:, 2:3] = 3  # bottom-right cell: half class 3
+    task = SemanticSynthesis(num_classes=4)
+    task.grid = (2, 2)
+    prefix, mask = task.prefix([{"semantic": semantic}], [0], torch.zeros(1, 4, dtype=torch.long))
+    assert prefix.shape == (1, 4, 4) and mask.all()
+    assert prefix[0].tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0.5, 0, 0, 0.5]]
+    with pytest.raises(ValueError, match="num_classes"):
+        SemanticSynthesis(num_classes=3).prefix([{"semantic": semantic}], [0], torch.zeros(1, 4))
+    assert setup[-1]["semantic_synthesis"].metrics["miou"] is None
 
 
 def test_the_prior_never_trains_on_the_evaluated_split(setup):
