@@ -327,6 +327,11 @@ def test_per_code_sampling_follows_the_softmax() -> None:
     freq = torch.bincount(draws, minlength=4).double() / draws.numel()
     expected = torch.softmax(-scale * torch.arange(4.0, dtype=torch.float64), 0)
     torch.testing.assert_close(freq, expected, atol=0.025, rtol=0)
+    # the default temperature is 1, and inputs that require grad are fine (no autograd inside)
+    draws = nearest_codes(x.requires_grad_(True), codes, per_code="sample", generator=gen).code_arg
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    expected = torch.softmax(-torch.arange(4.0, dtype=torch.float64), 0)
+    torch.testing.assert_close(freq, expected, atol=0.025, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 10**6])
