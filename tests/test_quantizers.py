@@ -182,6 +182,9 @@ BAD_SETTINGS = [  # (quantizer, settings, the whole message: a changed word or b
     (VectorQuantizer, {"ema_decay": 1.0}, "vq ema_decay must be in [0, 1), got 1.0"),
     (VectorQuantizer, {"ema_decay": -0.1}, "vq ema_decay must be in [0, 1), got -0.1"),
     (VectorQuantizer, {"code_dim": 0}, "vq code_dim must be a positive width or None, got 0"),
+    (VectorQuantizer, {"ema": True, "legacy": True},
+     "vq: legacy=True only moves β between the codebook and commitment terms, and with ema=True there is no "
+     "codebook term; set one of them to False"),
     (VectorQuantizer, {"num_codes": 1}, "num_codes must be at least 2, got 1"),
     (VectorQuantizer, {"chunk_size": 0}, "chunk_size (distance entries per tile) must be positive, got 0"),
     (ClusteredVectorQuantizer, {"distance": "dot"}, "cvq distance must be 'l2' or 'cosine', got 'dot'"),
@@ -213,6 +216,15 @@ def test_defaults_are_the_documented_reference_values() -> None:
         "dim": 4, "num_codes": 1024, "beta": 0.25, "distance": "cosine", "anchor": "probrandom",
         "usage_decay": 0.99, "contrastive": False, "contrastive_temperature": 0.07, "first_batch": False,
         "legacy": False, "chunk_size": 2**22, "seed": 0}
+
+
+def test_search_rejects_mismatched_shapes_with_the_shapes_named() -> None:
+    for x, codes in [(torch.randn(4, 3), torch.randn(5, 2)), (torch.randn(2, 4, 3), torch.randn(5, 3)),
+                     (torch.randn(4, 3), torch.randn(3))]:
+        with pytest.raises(ValueError) as info:
+            nearest_codes(x, codes)
+        assert str(info.value) == (f"nearest_codes expects x (N, C) and codes (K, C); got {tuple(x.shape)} "
+                                   f"and {tuple(codes.shape)}")
 
 
 def test_boundary_settings_are_accepted() -> None:
