@@ -20,12 +20,8 @@ from lgvq_plugins.evaluation.task import TaskResult, run_tasks
 GENERATIVE = ["unconditional", "completion", "text_to_image", "semantic_synthesis"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors gain nothing from threads, and a busy 2-core machine makes them far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_tokenizer():

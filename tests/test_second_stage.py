@@ -12,12 +12,8 @@ from lgvq_plugins.second_stage.sampling import filter_logits, sample_next
 from lgvq_plugins.second_stage.train import TrainSettings, train_code_gpt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors gain nothing from threads, and a busy 2-core machine makes them far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_gpt(cond_dim: int | None = None, seed: int = 0) -> CodeGPT:

@@ -24,13 +24,8 @@ N = 10  # evaluated images (odd shards under 2 processes are tested in test_task
 TASKS = ["reconstruction", "masked_word_prediction", "code_word_alignment", "retrieval"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and a busy 2-core machine makes them far slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors gain nothing from threads, and a busy 2-core machine makes them far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_tokenizer(seed: int = 0):

@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 
 from lgvq_plugins.data import shapes_scene as scene_mod
 from lgvq_plugins.data import shapes_text as text_mod
+from lgvq_plugins.data.transforms import mix as _mix
 from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.data.shapes_scene import COLOUR_NAMES, SHAPES, SIZES, Scene
 from lgvq_plugins.data.shapes_text import ANSWERS, QA, QUESTION_KINDS, Facts, RefExp
@@ -61,18 +62,8 @@ MAX_OBJECTS = len(text_mod.NUMBERS) - 1  # count answers are spelled out up to "
 
 # Keeps this data set's random streams apart from any other use of default_rng([seed, ...]).
 _STREAM_SALT = 0x5AA9E5
-_MASK64 = (1 << 64) - 1
 
 
-def _mix(*values: int) -> int:
-    """A 64-bit hash of small integers (splitmix64 steps): cheap and well spread, so
-    choices keyed on (seed, index, epoch) look random yet are reproducible."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 31
-    return h
 
 
 def _lone_object_split(shape: int, colour: int, size: int, box: Sequence[int]) -> int:
