@@ -219,7 +219,7 @@ def test_defaults_are_the_documented_reference_values() -> None:
 
 
 def test_search_rejects_mismatched_shapes_with_the_shapes_named() -> None:
-    for x, codes in [(torch.randn(4, 3), torch.randn(5, 2)), (torch.randn(2, 4, 3), torch.randn(5, 3)),
+    for x, codes in [(torch.randn(4, 3), torch.randn(5, 2)), (torch.randn(2, 3, 4), torch.randn(5, 3)),
                      (torch.randn(4, 3), torch.randn(3))]:
         with pytest.raises(ValueError) as info:
             nearest_codes(x, codes)
