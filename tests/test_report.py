@@ -207,7 +207,7 @@ def test_a_figure_that_fails_is_noted_in_the_page(tiny_run, tmp_path):
     import lgvq_plugins
 
     data = lgvq_plugins.create_dataset("shapes", split="test", size=32, num_samples=4)
-    with pytest.warns(RuntimeWarning, match="decoder exploded"):
+    with pytest.warns(RuntimeWarning, match="could not be drawn"):
         out = R.write_run_report(tiny_run, model=Broken(), data=data, out=tmp_path / "r.html", twin=False)
     text = out.read_text()
     assert "could not be drawn: RuntimeError: decoder exploded" in text
