@@ -10,7 +10,6 @@ import torch
 from scripts.cvq_ddp_worker import CASES
 
 
-@pytest.mark.slow  # two torchrun processes: 79 s here under load (docs/testing.md)
 @pytest.mark.ddp
 def test_codebooks_stay_identical_across_ranks(tmp_path: Path) -> None:
     from ddp import torchrun
