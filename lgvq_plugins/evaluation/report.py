@@ -28,13 +28,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from lgvq_plugins.evaluation import plots
-from lgvq_plugins.evaluation.task import is_guided, model_device, tokenizer_of
+from lgvq_plugins.evaluation.plots import (
+    heatmap_pngs,
+    reconstruction_png,
+    usage_counts,
+    word_code_similarity,
+)
+from lgvq_plugins.evaluation.task import is_guided
 from lgvq_plugins.training.logs import read_jsonl
 
 #: sections of a run report, in page order: (id, heading)
@@ -182,85 +186,6 @@ def metrics_table(metrics: Mapping[str, Any], twin: Mapping[str, Any] | None = N
     protocols = "\n".join(f'<p class="proto"><b>{_e(task)}</b>: {_e(protocol_text(result.get("protocol")))}</p>'
                           for task, result in (metrics.get("tasks") or {}).items() if result.get("protocol"))
     return table(header, body) + ("\n<h3>Protocols</h3>\n" + protocols if protocols else "")
-
-
-# ---------------------------------------------------------------------------------------
-# Figures from a model
-# ---------------------------------------------------------------------------------------
-
-
-def _first_images(data: Dataset, n: int) -> tuple[torch.Tensor, list[str | None]]:
-    n = min(n, len(data))
-    samples = [data[i] for i in range(n)]
-    return torch.stack([s["image"] for s in samples]), [s.get("caption") for s in samples]
-
-
-@torch.no_grad()
-def reconstruction_png(model: nn.Module, data: Dataset, num_images: int = 8) -> bytes:
-    """Originals above their reconstructions for the first ``num_images`` of ``data``."""
-    tokenizer = tokenizer_of(model)
-    x, _ = _first_images(data, num_images)
-    rec, _ = tokenizer(x.to(model_device(tokenizer)))
-    return plots.reconstruction_grid(x, rec.float().clamp(-1, 1).cpu())
-
-
-@torch.no_grad()
-def usage_counts(model: nn.Module, data: Dataset, max_images: int = 256, batch_size: int = 32) -> list[int]:
-    """How often each code is chosen over the first ``max_images`` images of ``data``."""
-    tokenizer = tokenizer_of(model)
-    num_codes = int(tokenizer.quantizer.num_codes)
-    counts = torch.zeros(num_codes, dtype=torch.long)
-    device = model_device(tokenizer)
-    total = min(max_images, len(data))
-    for start in range(0, total, batch_size):
-        x = torch.stack([data[i]["image"] for i in range(start, min(total, start + batch_size))])
-        quantized = tokenizer.encode(x.to(device))
-        counts += torch.bincount(quantized.indices.reshape(-1).cpu().long(), minlength=num_codes)
-    return counts.tolist()
-
-
-def _token_strings(encoder: Any, ids: Sequence[int]) -> list[str]:
-    """Token ids as readable strings (HF: WordPiece pieces; open_clip: BPE pieces)."""
-    tok = getattr(encoder, "_tokenizer", None)
-    if hasattr(tok, "convert_ids_to_tokens"):
-        return [str(t) for t in tok.convert_ids_to_tokens(list(ids))]
-    decoder = getattr(tok, "decoder", None)
-    if isinstance(decoder, Mapping):
-        return [str(decoder.get(i, f"#{i}")).replace("</w>", "") for i in ids]
-    return [f"#{i}" for i in ids]
-
-
-@torch.no_grad()
-def word_code_similarity(model: nn.Module, images: torch.Tensor, captions: Sequence[str]
-                         ) -> list[tuple[list[str], torch.Tensor]]:
-    """Per caption: its words (special tokens and padding removed) and the cosine similarity
-    (L, h, w) of each word's text feature to the visual token of every code position — the
-    similarity L_ras takes its argmax over."""
-    if not is_guided(model):
-        raise ValueError("word→code similarity needs a guided model (LanguageGuided with enabled=True)")
-    device = model_device(model)
-    quantized = model.tokenizer.encode(images.to(device))
-    h, w = quantized.z_q.shape[-2:]
-    visual = model.code_text.proj_out(model.code_text.hidden(quantized.z_q))[:, 1:]  # (B, h·w, Dt)
-    text = model.text_cache(list(captions), device)
-    sims = F.normalize(text.token_feats.float(), dim=-1, eps=1e-6) @ \
-        F.normalize(visual.float(), dim=-1, eps=1e-6).transpose(1, 2)  # (B, L, h·w)
-    keep = ~text.tokens.padding_mask & ~text.tokens.special_mask  # (B, L)
-    out = []
-    for b in range(images.shape[0]):
-        idx = keep[b].nonzero().flatten()
-        words = _token_strings(model.text_encoder, text.tokens.ids[b, idx].tolist())
-        out.append((words, sims[b, idx].reshape(len(idx), h, w).cpu()))
-    return out
-
-
-def heatmap_pngs(model: nn.Module, data: Dataset, num_captions: int = 3) -> list[tuple[str, bytes]]:
-    """(caption, PNG) of Figure-6 style heatmaps for the first ``num_captions`` samples."""
-    images, captions = _first_images(data, num_captions)
-    if any(c is None for c in captions):
-        raise ValueError("the evaluation data has no 'caption' field; heatmaps need captions")
-    return [(cap, plots.similarity_heatmaps(img, words, sim, caption=cap))
-            for img, cap, (words, sim) in zip(images, captions, word_code_similarity(model, images, captions))]
 
 
 # ---------------------------------------------------------------------------------------
