@@ -43,4 +43,7 @@ def registered():
     try:
         yield
     finally:
+        # A code registration outlives reset_plugins by design: take it back explicitly so
+        # it does not leak into later tests.
+        lgvq_plugins.get_host(load=False).registries["task"].remove(NAME)
         lgvq_plugins.reset_plugins()

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import gin
 from lgvq_plugins import api
@@ -45,7 +45,8 @@ def _run_dir_of(pretrained: Path) -> Path | None:
 def evaluate_pretrained(pretrained: str | Path, out_dir: str | Path | None = None, *,
                         tasks: Sequence[str] = ("reconstruction",), dataset: str | None = None,
                         split: str = "test", report: bool = True, twin: bool = True,
-                        model: Any = None) -> dict[str, Any]:
+                        model: Any = None, load_options: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
     """Run ``tasks`` on the model saved in ``pretrained`` and write ``out_dir``.
 
     Args:
@@ -59,6 +60,10 @@ def evaluate_pretrained(pretrained: str | Path, out_dir: str | Path | None = Non
         twin: put an unguided/guided twin run's numbers beside these in the report (a finished
             run under the same root; see :func:`~lgvq_plugins.evaluation.report.find_twin`).
         model: an already loaded model (skips loading; for callers that hold one).
+        load_options: keyword arguments for :func:`~lgvq_plugins.pretrained.from_pretrained`:
+            the machine-local settings a saved folder leaves out, e.g.
+            ``{'text_encoder_options': {'checkpoint': '/weights/clip.pt'}, 'cache_dir': ...}``
+            (gin: ``Evaluation.load_options = {...}``).
 
     Returns:
         the metrics written to ``out_dir/metrics.json``.
@@ -77,7 +82,7 @@ def evaluate_pretrained(pretrained: str | Path, out_dir: str | Path | None = Non
         except ValueError:
             dataset = "shapes"
     start = time.time()
-    model = model if model is not None else from_pretrained(pretrained)
+    model = model if model is not None else from_pretrained(pretrained, **dict(load_options or {}))
     data = api.create_dataset(dataset, split=split)
     results = run_tasks(model, data, list(tasks), out_dir)
     run_metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")) \
