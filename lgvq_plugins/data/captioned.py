@@ -62,6 +62,15 @@ def clean_captions(captions: Iterable[Any]) -> list[str]:
     return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
 
 
+def read_caption_lines(dataset: str, image: Path, caption_file: Path) -> list[str] | BadSampleError:
+    """The captions of ``image``, one per line of ``caption_file`` (CUB's and MM-CelebA-HQ's
+    per-image text files), or the bad-sample error naming a missing or empty file."""
+    if not caption_file.is_file():
+        return BadSampleError(dataset, caption_file, "no_caption", f"for {image}")
+    captions = clean_captions(caption_file.read_text(encoding="utf-8", errors="replace").splitlines())
+    return captions or BadSampleError(dataset, caption_file, "empty_caption", f"for {image}")
+
+
 class CaptionedImages(Dataset):
     """Base class of the image–caption readers (see the module docstring).
 

@@ -19,7 +19,11 @@ import torch
 from PIL import Image
 
 from lgvq_plugins.data.bad_samples import BadSampleError
-from lgvq_plugins.data.captioned import CaptionedImages, Record, clean_captions
+from lgvq_plugins.data.captioned import (
+    CaptionedImages,
+    Record,
+    read_caption_lines,
+)
 from lgvq_plugins.data.safe_pickle import load_plain
 from lgvq_plugins.data.transforms import Geometry
 
@@ -62,12 +66,9 @@ class MMCelebAHQ(CaptionedImages):
         for stem in ids:
             image = images / f"{stem}.jpg"
             caption_file = captions / f"{stem}.txt"
-            if not caption_file.is_file():
-                yield BadSampleError(self.NAME, caption_file, "no_caption", f"for {image}")
-                continue
-            caps = clean_captions(caption_file.read_text(encoding="utf-8", errors="replace").splitlines())
-            if not caps:
-                yield BadSampleError(self.NAME, caption_file, "empty_caption", f"for {image}")
+            caps = read_caption_lines(self.NAME, image, caption_file)
+            if isinstance(caps, BadSampleError):
+                yield caps
                 continue
             extras = {}
             if mask_dir is not None:

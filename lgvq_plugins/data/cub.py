@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from lgvq_plugins.data.bad_samples import BadSampleError
-from lgvq_plugins.data.captioned import CaptionedImages, Record, clean_captions
+from lgvq_plugins.data.captioned import (
+    CaptionedImages,
+    Record,
+    read_caption_lines,
+)
 from lgvq_plugins.data.safe_pickle import load_plain
 
 LAYOUT = """\
@@ -64,12 +68,9 @@ class CUB200(CaptionedImages):
         for rel in chosen:
             image = cub / "images" / rel
             caption_file = (text / rel).with_suffix(".txt")
-            if not caption_file.is_file():
-                yield BadSampleError(self.NAME, caption_file, "no_caption", f"for {image}")
-                continue
-            captions = clean_captions(caption_file.read_text(encoding="utf-8", errors="replace").splitlines())
-            if not captions:
-                yield BadSampleError(self.NAME, caption_file, "empty_caption", f"for {image}")
+            captions = read_caption_lines(self.NAME, image, caption_file)
+            if isinstance(captions, BadSampleError):
+                yield captions
                 continue
             yield Record(image, captions, {"label": int(rel.split(".", 1)[0]) - 1})
 

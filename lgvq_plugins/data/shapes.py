@@ -49,10 +49,10 @@ from torch.utils.data import Dataset
 
 from lgvq_plugins.data import shapes_scene as scene_mod
 from lgvq_plugins.data import shapes_text as text_mod
-from lgvq_plugins.data.transforms import mix as _mix
-from lgvq_plugins.hookspecs import hookimpl
 from lgvq_plugins.data.shapes_scene import COLOUR_NAMES, SHAPES, SIZES, Scene
 from lgvq_plugins.data.shapes_text import ANSWERS, QA, QUESTION_KINDS, Facts, RefExp
+from lgvq_plugins.data.transforms import mix as _mix
+from lgvq_plugins.hookspecs import hookimpl
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 DEFAULT_NUM_SAMPLES: dict[str, int] = {"train": 20000, "val": 1000, "test": 1000}
