@@ -12,7 +12,7 @@ from lgvq_plugins import api
 from lgvq_plugins.cli import main
 from lgvq_plugins.data.caption_features import dataset_captions
 from lgvq_plugins.text.cache import TextFeatureCache
-from tests.data_fixtures import image_text_tree
+from data_fixtures import image_text_tree
 
 
 def test_cache_text_encodes_each_caption_once_and_training_finds_them(tmp_path, capsys):

@@ -15,7 +15,7 @@ from lgvq_plugins import api
 from lgvq_plugins.data.bad_samples import BadSampleError
 from lgvq_plugins.data.images import load_rgb
 from lgvq_plugins.data.transforms import PaperTransform, choose_caption, names_a_side
-from tests.data_fixtures import (
+from data_fixtures import (
     corrupt,
     image_text_tree,
     jpeg_bytes,
@@ -112,7 +112,7 @@ def test_torchvision_decode_matches_pil(tmp_path):
 def test_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
     from PIL import Image as PILImage
 
-    from tests.data_fixtures import photo_like
+    from data_fixtures import photo_like
 
     path = tmp_path / "big.jpg"
     photo_like(1024, 768).save(path, quality=92)

@@ -9,7 +9,7 @@ import pytest
 
 import gin
 from lgvq_plugins.config import parse_gin
-from tests.data_fixtures import celeba_tree, coco_tree, cub_tree, textcaps_tree
+from data_fixtures import celeba_tree, coco_tree, cub_tree, textcaps_tree
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER = REPO / "gin" / "paper"

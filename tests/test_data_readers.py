@@ -11,7 +11,7 @@ import torch
 
 from lgvq_plugins import api
 from lgvq_plugins.data.bad_samples import BadSampleError
-from tests.data_fixtures import (
+from data_fixtures import (
     celeba_tree,
     coco_qa_tree,
     coco_tree,

@@ -11,7 +11,7 @@ import torch
 
 from lgvq_plugins import api
 from lgvq_plugins.data.safe_pickle import UnsafePickleError, load_plain, loads_plain
-from tests.data_fixtures import refcoco_tree
+from data_fixtures import refcoco_tree
 
 
 class _RunsCode:

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from lgvq_plugins import api
 from lgvq_plugins.data.bad_samples import BadSampleError
-from tests.data_fixtures import write_shards
+from data_fixtures import write_shards
 
 
 def _keys(data, workers: int) -> list[str]:
