@@ -9,13 +9,14 @@ Attention is ``F.scaled_dot_product_attention`` (through ``nn.TransformerEncoder
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import gin
-from lgvq_plugins.second_stage.train import TrainSettings
+from lgvq_plugins.second_stage.train import TensorRows, TrainSettings, train_rows
 
 
 @gin.configurable("CodeReader")
@@ -53,25 +54,21 @@ class CodeReader(nn.Module):
 
 
 def train_reader(model: nn.Module, inputs: tuple[Tensor, ...], targets: Tensor,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor], settings: TrainSettings) -> float:
-    """AdamW on rows of ``inputs`` (each (N, ...)) and ``targets`` (N, ...); returns the last loss.
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], settings: TrainSettings, *,
+                 run_dir: str | Path | None = None) -> float:
+    """Train ``model`` on rows of ``inputs`` (each (N, ...)) and ``targets`` (N, ...) with the
+    project's trainer (:func:`~lgvq_plugins.second_stage.train.train_rows`: checkpoints and
+    logs in ``run_dir``, resume, DDP); returns the last loss.
 
-    The inputs are cached tensors (code vectors, word ids): nothing is re-encoded."""
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    order = torch.Generator().manual_seed(settings.seed)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    with torch.enable_grad():  # tasks run under no_grad
-        for _ in range(settings.steps):
-            idx = torch.randint(0, targets.shape[0], (settings.batch_size,), generator=order)
-            out = model(*(t[idx].to(device) for t in inputs))
-            loss = loss_fn(out, targets[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    return float(loss.detach())
+    AdamW with torch's default betas (0.9, 0.999), as these heads were tuned with. The inputs
+    are cached tensors (code vectors, word ids): nothing is re-encoded."""
+    rows = TensorRows(target=targets, **{f"input{i}": t for i, t in enumerate(inputs)})
+    count = len(inputs)
+
+    def reader_loss(m: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        return loss_fn(m(*(batch[f"input{i}"] for i in range(count))), batch["target"])
+
+    return train_rows(model, reader_loss, rows, settings, run_dir=run_dir, betas=(0.9, 0.999))["loss"]
 
 
 __all__ = ["CodeReader", "train_reader"]

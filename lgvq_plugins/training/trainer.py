@@ -56,7 +56,9 @@ _PROGRESS_KEYS = ("loss", "rec_loss", "rec", "q_usage", "disc_loss", "images_per
 @gin.configurable(denylist=["model", "train_data", "val_data", "out_dir", "config_hash", "config_lines"])
 class Trainer(TrainerEvaluation, TrainerCheckpoints):
     """Trains a ``LanguageGuided`` model (or anything with ``.tokenizer`` whose forward is
-    ``(images, captions, batch) -> GuidedOutput``).
+    ``(images, captions, batch) -> GuidedOutput``), or a generic model without ``.tokenizer``
+    whose forward is ``(batch) -> LossOutput`` (no discriminator; the second stage's priors
+    and heads, through ``second_stage/objective.py``).
 
     Args:
         model: the generator side; ``model.tokenizer`` is the wrapped tokenizer.
@@ -142,9 +144,11 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
                         num_samples=num_samples, keep_last=keep_last)
         if precision not in {"auto", "bf16", "fp32"}:
             raise ValueError(f"Trainer.precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-        if not hasattr(model, "tokenizer"):
-            raise TypeError(f"Trainer needs a model with a .tokenizer (a LanguageGuided), got {type(model).__name__}")
-        check_implements(model.tokenizer, Tokenizer, role="Trainer(model=...).tokenizer")
+        if hasattr(model, "tokenizer"):
+            check_implements(model.tokenizer, Tokenizer, role="Trainer(model=...).tokenizer")
+        elif val_data is not None:
+            raise ValueError(f"Trainer: {type(model).__name__} has no .tokenizer (a generic model, forward(batch) "
+                             "-> LossOutput); its validation is not the tokenizer's: pass val_data=None")
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.samples_dir = self.out_dir / "samples"
@@ -178,8 +182,9 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         self.global_batch_size = self.batch_size * self.world_size
 
         self.model = model.to(self.device)
-        self.tokenizer = model.tokenizer
-        self.disc_params = [p for p in self.tokenizer.discriminator_parameters() if p.requires_grad]
+        self.tokenizer = getattr(model, "tokenizer", None)  # None: a generic model, no discriminator
+        self.disc_params = ([p for p in self.tokenizer.discriminator_parameters() if p.requires_grad]
+                            if self.tokenizer is not None else [])
         disc_ids = {id(p) for p in self.disc_params}
         self.disc_param_names = [n for n, p in self.model.named_parameters() if id(p) in disc_ids]
         # Buffers of the modules that hold discriminator weights (BatchNorm running statistics):
@@ -336,6 +341,18 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
             batch = to_device(raw, self.device)
             last = i == n - 1
             sync = contextlib.nullcontext() if (last or self.ddp_model is self.model) else self.ddp_model.no_sync()
+            if self.tokenizer is None:  # a generic model: its forward(batch) is the whole objective
+                with sync:
+                    with self.autocast():
+                        out = self.ddp_model(batch)
+                    if not isinstance(out, LossOutput):
+                        raise TypeError(f"Trainer: {type(self.model).__name__} has no .tokenizer, so its "
+                                        f"forward(batch) must return a LossOutput, got {type(out).__name__}")
+                    check_finite(step, out.loss, out, {}, self.ckpt_dir)
+                    (out.loss / n).backward()
+                for k, v in {**out.logs, "loss": out.loss}.items():
+                    accumulate(sums, k, v)
+                continue
             with sync:
                 with self.autocast():
                     guided: GuidedOutput = self.ddp_model(batch["image"], batch.get("caption"), batch)
