@@ -264,6 +264,9 @@ class GuidedOutput:
             is a documented field of this class instead.
         losses: weighted alignment terms (name → scalar), summed into the objective.
         raw_losses: the same terms before weighting (for logging).
+        z_e: (B, D, h, w) the quantizer's input (the encoder output), kept in training only
+            when the alignment terms are balanced against the tokenizer's objective
+            (``LanguageGuided.balance = 'adaptive'``, lgvq_plugins/guidance/balance.py); else None.
     """
 
     reconstruction: Tensor
@@ -275,6 +278,7 @@ class GuidedOutput:
     raw_losses: dict[str, Tensor] = field(default_factory=dict)
     visual_states: Tensor | None = None
     visual_proj: torch.nn.Module | None = None
+    z_e: Tensor | None = None
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ gin::
     LanguageGuided.text_encoder = 'minilm'
     LanguageGuided.losses = {'gsa': 0.001, 'mtp': 0.01, 'ras': 0.0001}
     LanguageGuided.enabled = False   # the "base" tokenizer: no text encoder, no heads
+    LanguageGuided.balance = 'adaptive'   # weights relative to the tokenizer's gradient at z_e
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from lgvq_plugins import api
 from lgvq_plugins.arguments import create_recorded
+from lgvq_plugins.guidance.balance import BALANCE_MODES, AdaptiveBalance
 from lgvq_plugins.guidance.code_text import CodeTextTransformer
 from lgvq_plugins.guidance.inputs import check_captions, check_images
 from lgvq_plugins.contracts import check_implements
@@ -82,6 +84,12 @@ class LanguageGuided(nn.Module):
         dropout: dropout in the code–text transformer.
         loss_options: alignment-loss name → keyword arguments of that loss (e.g.
             ``{"ras": {"reduction": "reference"}}``); gin bindings of the loss fill the rest.
+        balance: ``"fixed"`` (default, the reference): ``loss = weight · raw``. ``"adaptive"``:
+            in training each weight w_k is rescaled per step to
+            ``w_k · clamp(‖∇_{z_e} L_tok‖ / (‖∇_{z_e} L_k‖ + eps), 0, max_ratio)`` by
+            :meth:`balance_losses`, so w_k is term k's push on the encoder output as a fraction
+            of the tokenizer's (:class:`~lgvq_plugins.guidance.balance.AdaptiveBalance`, whose
+            settings are bound in gin; ``gin/guidance/adaptive.gin``).
 
     :attr:`config` holds every setting as resolved (defaults, gin and arguments; each loss's
     full options; the text encoder's registry name), which ``save_pretrained`` writes so
@@ -98,7 +106,8 @@ class LanguageGuided(nn.Module):
                  losses: Mapping[str, float] | None = None, enabled: bool = True,
                  cache_dir: str | None = None, image_size: int | Sequence[int] | None = None,
                  width: int | None = None, depth: int = 2, heads: int | None = None, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, loss_options: Mapping[str, Mapping[str, Any]] | None = None):
+                 dropout: float = 0.0, loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 balance: str = "fixed"):
         super().__init__()
         if isinstance(tokenizer, str):
             tokenizer = api.create_backbone(tokenizer)
@@ -112,6 +121,9 @@ class LanguageGuided(nn.Module):
         self.alignment_losses = nn.ModuleDict()
         self.grid: tuple[int, int] | None = None
         self.image_size = image_size
+        if balance not in BALANCE_MODES:
+            raise ValueError(f"LanguageGuided.balance = {balance!r}: expected one of {BALANCE_MODES}")
+        self.balancer: AdaptiveBalance | None = None
         options = {name: dict(opts or {}) for name, opts in (loss_options or {}).items()}
         # every setting as given (None included); resolved values replace them below
         self.config: dict[str, Any] = {
@@ -119,7 +131,7 @@ class LanguageGuided(nn.Module):
             else getattr(text_encoder, "lgvq_registry_name", None),
             "losses": None if losses is None else dict(losses), "loss_options": options,
             "cache_dir": cache_dir, "image_size": image_size, "width": width, "depth": depth,
-            "heads": heads, "mlp_ratio": mlp_ratio, "dropout": dropout}
+            "heads": heads, "mlp_ratio": mlp_ratio, "dropout": dropout, "balance": balance}
         if not self.enabled:
             return
 
@@ -159,6 +171,14 @@ class LanguageGuided(nn.Module):
             loss.setup(self)
             self.alignment_losses[name] = loss
             self.weights[name] = float(weight)
+        if balance == "adaptive" and self.weights:
+            if not isinstance(getattr(tokenizer, "quantizer", None), nn.Module):
+                raise TypeError(
+                    "LanguageGuided.balance = 'adaptive' measures gradients at the encoder output z_e, "
+                    f"the input of tokenizer.quantizer, but {type(tokenizer).__name__} has no quantizer "
+                    "nn.Module; use balance = 'fixed' or expose the quantizer as .quantizer")
+            self.balancer = AdaptiveBalance()
+            self.balancer.check_terms(self.weights)
         self.config.update(
             text_encoder=getattr(encoder, "lgvq_registry_name", self.config["text_encoder"]),
             losses=weights, image_size=self.image_size, width=width, heads=heads,
@@ -219,7 +239,20 @@ class LanguageGuided(nn.Module):
         """
         channels = int((getattr(self.tokenizer, "config", None) or {}).get("in_channels", 3))
         check_images(images, channels)  # wrong shape, dtype or range: say so before any conv
-        reconstruction, quantized = self.tokenizer(images)
+        z_e: list[Tensor] = []
+        if self.balancer is not None and self.training and torch.is_grad_enabled():
+            # The quantizer's input is the encoder output z_e, where the terms are balanced.
+            hook = self.tokenizer.quantizer.register_forward_pre_hook(lambda _m, args: z_e.append(args[0]))
+            try:
+                reconstruction, quantized = self.tokenizer(images)
+            finally:
+                hook.remove()
+            if len(z_e) != 1:
+                raise RuntimeError(f"LanguageGuided.balance = 'adaptive': tokenizer.quantizer ran {len(z_e)} "
+                                   "times in one forward, so its input is not one encoder output z_e; "
+                                   "use balance = 'fixed' with this tokenizer")
+        else:
+            reconstruction, quantized = self.tokenizer(images)
         if not self.enabled:
             return GuidedOutput(reconstruction, quantized)
         batch = {} if batch is None else batch
@@ -240,7 +273,8 @@ class LanguageGuided(nn.Module):
         with torch.no_grad():
             text = self.text_cache(captions, images.device)
         guided = GuidedOutput(reconstruction, quantized, text=text, visual_tokens=visual_tokens,
-                              visual_states=hidden, visual_proj=self.code_text.proj_out)
+                              visual_states=hidden, visual_proj=self.code_text.proj_out,
+                              z_e=z_e[0] if z_e else None)
         for name, loss_fn in self.alignment_losses.items():
             before = set(guided.extras)
             raw = loss_fn(guided, batch)
@@ -251,6 +285,24 @@ class LanguageGuided(nn.Module):
             guided.raw_losses[name] = raw
             guided.losses[name] = raw * self.weights[name]
         return guided
+
+    def balance_losses(self, guided: GuidedOutput, tokenizer_loss: Tensor) -> dict[str, Tensor]:
+        """With ``balance = 'adaptive'``: reweight ``guided.losses`` in place against the
+        tokenizer's objective ``tokenizer_loss`` (computed from the same forward) and return
+        the scalars to log (``lg_lambda_<k>``, ``lg_grad_<k>``, ``lg_grad_tokenizer``,
+        ``lg_balance_skipped``). Otherwise, or without a training forward's ``z_e``, a no-op
+        returning ``{}``. The trainer calls it once per micro-batch, before the backward."""
+        if self.balancer is None or not guided.raw_losses:
+            return {}
+        if guided.z_e is None:
+            if self.training and torch.is_grad_enabled():
+                raise ValueError("LanguageGuided.balance_losses got a GuidedOutput without z_e; pass the "
+                                 "output of this model's own training forward")
+            return {}
+        balanced = self.balancer(tokenizer_loss, guided.raw_losses, self.weights, guided.z_e)
+        for name, weight in balanced.weights.items():
+            guided.losses[name] = guided.raw_losses[name] * weight.to(guided.raw_losses[name].dtype)
+        return balanced.logs
 
     def extra_repr(self) -> str:
         if not self.enabled:

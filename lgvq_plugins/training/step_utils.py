@@ -61,6 +61,14 @@ def check_finite(step: int, total: Tensor, out: LossOutput, extra: Mapping[str, 
         "or fp32 (Trainer.precision = 'fp32').")
 
 
+def balance_guidance(model: nn.Module, guided: Any, tokenizer_loss: Tensor) -> dict[str, Tensor]:
+    """Let the model reweight its alignment terms against the tokenizer's objective before the
+    backward (``LanguageGuided.balance = 'adaptive'``); returns scalars to log. ``{}`` for a
+    model without ``balance_losses`` or with balancing off: ``guided.losses`` untouched."""
+    balance = getattr(model, "balance_losses", None)
+    return balance(guided, tokenizer_loss) if callable(balance) else {}
+
+
 def accumulate(sums: dict[str, float], key: str, value: Any) -> None:
     try:
         sums[key] = sums.get(key, 0.0) + to_float(value)
