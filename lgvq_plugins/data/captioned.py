@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from lgvq_plugins.data.bad_samples import CONVERTED, KINDS, BadSampleError, ProblemTally
 from lgvq_plugins.data.images import load_rgb, read_header
 from lgvq_plugins.data.transforms import Geometry, PaperTransform, choose_caption
+from lgvq_plugins.training import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +241,16 @@ class CaptionedImages(Dataset):
 
     def data_report(self) -> dict[str, Any]:
         """JSON-ready counts for ``metrics.json``: samples kept, files skipped by kind (found
-        while building, or while loading in this process or its DataLoader workers), images
-        converted to RGB. Counted once per file."""
+        while building, or while loading in this process or its DataLoader workers — or, under
+        DDP, on any rank: then a collective, call it on every rank), images converted to RGB.
+        Counted once per file."""
         tally = ProblemTally(self.NAME, counts=self.problems.counts.copy(),
                              examples={k: list(v) for k, v in self.problems.examples.items()})
-        for j in torch.nonzero(self._load_bad).flatten().tolist():
-            kind = _KIND_CODES[int(self._load_bad[j]) - 1]
+        load_bad = self._load_bad
+        if D.is_distributed():  # every rank builds the same records; each finds its own bad files
+            load_bad = D.all_reduce_max(load_bad.to(D.default_device(), torch.int32)).cpu()
+        for j in torch.nonzero(load_bad).flatten().tolist():
+            kind = _KIND_CODES[int(load_bad[j]) - 1]
             tally.add(kind, self.records[j].image, "found while loading", warn=False)
         return {"dataset": self.NAME, "split": self.split, "samples": len(self.records), **tally.report()}
 

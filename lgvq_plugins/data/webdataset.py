@@ -6,15 +6,18 @@ for corpora that do not fit on one disk or in one epoch's memory.
 Each sample in a shard is a group of files sharing a key: an image (``.jpg``, ``.jpeg``,
 ``.png``, ``.webp``) and a caption, either ``.txt`` (one caption per line) or ``.json``
 (``{"caption": "..."}`` or ``{"captions": [...]}``). Shards are split across ranks, then
-across each rank's DataLoader workers (shard ``i`` goes to rank ``i % world`` and, within
-the rank, to worker ``(i // world) % workers``), so one epoch reads every sample exactly
-once when the shard count is a multiple of ranks × workers (otherwise some workers read
-one shard fewer: still each sample at most once). ``set_epoch`` reshuffles the shard
-order, identically on every rank.
+across each rank's DataLoader workers (shard ``i`` of the epoch's order goes to rank
+``i % world`` and, within the rank, to worker ``(i // world) % workers``), so one epoch reads
+every sample exactly once when the shard count is a multiple of ranks × workers (otherwise
+some workers read one shard fewer: still each sample at most once). ``set_epoch``
+reshuffles the shard order, identically on every rank.
 
-It is an ``IterableDataset``: it has no ``len`` and no random access, so the built-in
-``Trainer`` (which samples by index) cannot use it yet; feed it to a ``DataLoader`` of your
-own (see docs/data.md).
+It is an ``IterableDataset``. The ``Trainer`` trains on it through
+:mod:`lgvq_plugins.training.stream`: every sample carries its place in the stream,
+``stream_pos`` = (worker, shard slot, member), which the trainer records for the batches
+it consumed; :meth:`WebDatasetCaptions.set_stream_start` makes a resumed run start each
+worker right after them, skipping whole shards without reading them (see docs/data.md).
+Bad samples are counted in shared memory, so the ones DataLoader workers meet count too.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import json
 import os
 import random
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, ProblemTally
+from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, SharedProblemTally, merge_reports
 from lgvq_plugins.data.captioned import clean_captions
 from lgvq_plugins.data.images import decode_bytes
 from lgvq_plugins.data.transforms import PaperTransform, choose_caption
@@ -105,11 +109,39 @@ class WebDatasetCaptions(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.train = split == "train"
         self.transform = PaperTransform(self.size, train=self.train, flip=flip)
-        self.problems = ProblemTally(self.NAME)
+        # shared memory: bad samples met in DataLoader workers are counted too
+        self.problems = SharedProblemTally(self.NAME)
         self.epoch = 0
+        self.stream_start: dict[int, tuple[int, int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch``'s shard order from its start (clears :meth:`set_stream_start`)."""
         self.epoch = int(epoch)
+        self.stream_start = {}
+
+    def set_stream_start(self, starts: Mapping[int, Sequence[int]]) -> None:
+        """Start this epoch part-way: worker ``w`` (0 without workers) begins at shard slot
+        ``starts[w][0]`` of its shard list, skipping the first ``starts[w][1]`` tar groups of
+        that shard (read, not decoded); the shards before it are not opened at all. Workers
+        not named start at the beginning. Call after :meth:`set_epoch`, before iterating."""
+        self.stream_start = {int(w): (int(p[0]), int(p[1])) for w, p in starts.items()}
+
+    def check_stream_split(self, world_size: int, num_workers: int) -> None:
+        """Refuse a shard list that leaves a rank with nothing to read (an endless stream
+        on that rank would have no sample to give); warn when some workers stay idle."""
+        shards, workers = len(self.urls), max(int(num_workers), 1)
+        if shards < world_size:
+            raise ValueError(
+                f"webdataset: {shards} shard(s) cannot feed {world_size} ranks — every rank needs at least "
+                f"one shard (shards are split across ranks, not samples). Split the data into at least "
+                f"{world_size} shards (ideally a multiple of ranks × workers = {world_size * workers}), or "
+                "use fewer ranks.")
+        if shards < world_size * workers:
+            import warnings
+
+            warnings.warn(f"webdataset: {shards} shard(s) for {world_size} rank(s) × {workers} DataLoader "
+                          f"workers: some workers get no shard and stay idle (set Trainer.num_workers ≤ "
+                          f"{max(shards // world_size, 1)}, or write more, smaller shards)", stacklevel=2)
 
     # -- shards ---------------------------------------------------------------------------
     def shards_for(self, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
@@ -119,12 +151,13 @@ class WebDatasetCaptions(IterableDataset):
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order[rank::world_size][worker::num_workers]
 
-    def _my_shards(self) -> list[str]:
+    def _my_shards(self) -> tuple[int, list[str]]:
+        """(this worker's id, the shards it reads this epoch)."""
         rank = D.rank() if self.rank is None else int(self.rank)
         world = D.world_size() if self.world_size is None else int(self.world_size)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.shards_for(rank, world, worker, workers)
+        return worker, self.shards_for(rank, world, worker, workers)
 
     # -- samples --------------------------------------------------------------------------
     def _bad(self, err: BadSampleError) -> None:
@@ -171,23 +204,40 @@ class WebDatasetCaptions(IterableDataset):
         pixels, _ = self.transform(image, caption)
         return {"image": pixels, "caption": caption, "index": uid, "key": str(raw.get("__key__", ""))}
 
+    def _groups(self, shards: list[str], start: tuple[int, int]) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(slot, member, raw tar group) from ``start`` on: the shards before the start slot
+        are not opened; the groups before the start member are read but not decoded."""
+        first_slot, first_member = start
+        for slot in range(first_slot, len(shards)):
+            groups = wds.tarfile_to_samples(handler=self._tar_error)(iter([{"url": shards[slot]}]))
+            for member, raw in enumerate(groups):
+                if slot == first_slot and member < first_member:
+                    continue
+                yield slot, member, raw
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        shards = self._my_shards()
+        worker, shards = self._my_shards()
         if not shards:
             return
-        stages: list[Any] = [wds.SimpleShardList(shards),
-                             wds.tarfile_to_samples(handler=self._tar_error)]
+        groups: Iterator[Any] = self._groups(shards, self.stream_start.get(worker, (0, 0)))
         if self.shuffle_buffer > 0 and self.train:
-            stages.append(wds.shuffle(self.shuffle_buffer, rng=random.Random(self.seed + self.epoch)))
-        for raw in wds.DataPipeline(*stages):
+            groups = wds.shuffle(self.shuffle_buffer, rng=random.Random(self.seed + self.epoch))(groups)
+        for slot, member, raw in groups:
             try:
-                yield self.decode(raw)
+                sample = self.decode(raw)
             except BadSampleError as err:
                 self._bad(err)
+                continue
+            sample["stream_pos"] = torch.tensor([worker, slot, member], dtype=torch.int64)
+            yield sample
 
     def data_report(self) -> dict[str, Any]:
-        """Bad samples skipped in this process (DataLoader workers keep their own counts)."""
-        return {"dataset": self.NAME, "split": self.split, "shards": len(self.urls), **self.problems.report()}
+        """Bad samples skipped and images converted, by this process and its DataLoader
+        workers, summed over every rank under DDP — a collective then: call it on every rank
+        (``Experiment`` does). A bad file is counted each time the stream meets it (once per
+        epoch that reads it)."""
+        local = {"dataset": self.NAME, "split": self.split, "shards": len(self.urls), **self.problems.report()}
+        return merge_reports(D.all_gather_json(local)) if D.is_distributed() else local
 
 
 __all__ = ["LAYOUT", "WebDatasetCaptions", "expand_urls"]

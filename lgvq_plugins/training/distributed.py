@@ -36,6 +36,13 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """In-place element-wise maximum over ranks."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """In-place mean over ranks."""
     if is_distributed():

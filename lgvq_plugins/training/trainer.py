@@ -15,6 +15,11 @@ wrapped in DDP with the discriminator's parameters excluded; the tokenizer's own
 parameters DDP must not see as generator parameters), and the discriminator's gradients
 are averaged over ranks by an explicit all-reduce — the contract exposes its parameters, not
 a module DDP could wrap. The global batch is ``batch_size × world size``.
+
+Map-style data is sampled by index (:class:`~lgvq_plugins.data.sampler.ResumableSampler`,
+epochs of equal length on every rank). An ``IterableDataset`` (``webdataset`` shards) is
+streamed through :class:`~lgvq_plugins.training.stream.TrainStream`: no sampler, endless
+per-rank epochs, training counted in steps, the stream's position saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import gin
 import torch
@@ -34,11 +39,13 @@ from lgvq_plugins.training import distributed as D
 from lgvq_plugins.training.batch_checks import collate_samples, drop_bad_samples
 from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import GuidedOutput, LossOutput, Tokenizer
+from lgvq_plugins.data.bad_samples import bad_file_counts
 from lgvq_plugins.data.sampler import ResumableSampler
 from lgvq_plugins.training.logs import MetricsLogger, to_float
 from lgvq_plugins.training.optim import create_optimizer, create_scheduler
+from lgvq_plugins.training.stream import TrainStream, is_stream
 from lgvq_plugins.training.step_utils import (
-    NonFiniteLossError, accumulate, check_finite, check_positive, frozen, to_device,
+    NonFiniteLossError, accumulate, balance_guidance, check_finite, check_positive, frozen, to_device,
 )
 from lgvq_plugins.training.trainer_eval import TrainerEvaluation, codebook_fingerprint
 from lgvq_plugins.training.trainer_resume import ConfigMismatchError, TrainerCheckpoints
@@ -62,7 +69,8 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
 
     Args:
         model: the generator side; ``model.tokenizer`` is the wrapped tokenizer.
-        train_data / val_data: map-style datasets of sample dicts (``image``, ``caption`` ...).
+        train_data / val_data: datasets of sample dicts (``image``, ``caption`` ...): map-style,
+            or an ``IterableDataset`` streamed without a sampler (see the module docstring).
         out_dir: the run directory (``checkpoints/``, ``logs/``, ``samples/`` go inside).
         max_steps: optimizer updates to train for.  # steps
         batch_size: images per rank per micro-batch; the global batch is this × world size.
@@ -228,6 +236,13 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         self.batch_in_epoch = 0  # micro-batches of this rank consumed in the current epoch
         self.train_time = 0.0  # seconds spent in training steps (data loading included)
         self.images_seen = 0  # global
+        # A stream (IterableDataset) has its own per-rank epochs and position; self.epoch and
+        # self.batch_in_epoch then mirror this rank's.
+        self.stream: TrainStream | None = None
+        if is_stream(train_data):
+            self.stream = TrainStream(train_data, batch_size=self.batch_size, num_workers=self.num_workers,
+                                      seed=self.seed, rank=self.rank, world_size=self.world_size,
+                                      pin_memory=self.device.type == "cuda")
         self.last_train_logs: dict[str, float] = {}
         self.logger = MetricsLogger(self.out_dir / "logs", enabled=self.is_main_process, tensorboard=tensorboard)
 
@@ -266,6 +281,30 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
                 "lower the batch size or use more data")
         return usable
 
+    def _indexed_micro_batches(self) -> Iterator[list[Any]]:
+        """Map-style data: ``grad_accum_steps`` micro-batches per update, epoch after epoch.
+        The position counts a group as consumed when it is handed out (the checkpoint after
+        its update then records it)."""
+        per_epoch = self._micro_batches_per_epoch()
+        while True:
+            if self.batch_in_epoch >= per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            loader = iter(self._train_loader(self.epoch, self.batch_in_epoch))
+            while self.batch_in_epoch < per_epoch:
+                micro = [next(loader) for _ in range(self.grad_accum_steps)]
+                self.batch_in_epoch += self.grad_accum_steps
+                yield micro
+
+    def _streamed_micro_batches(self, stream: TrainStream) -> Iterator[list[Any]]:
+        """An IterableDataset: micro-batches from this rank's endless stream."""
+        try:
+            while True:
+                micro = stream.micro_batches(self.grad_accum_steps)
+                self.epoch, self.batch_in_epoch = stream.epoch, stream.batches
+                yield micro
+        finally:
+            stream.close()
+
     def fit(self) -> dict[str, float]:
         """Train until ``max_steps`` (continuing from the current step after :meth:`resume`).
 
@@ -273,41 +312,36 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
         """
         from tqdm.auto import tqdm
 
-        per_epoch = self._micro_batches_per_epoch()
+        batches = self._streamed_micro_batches(self.stream) if self.stream else self._indexed_micro_batches()
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and self.is_main_process))
         window_images, window_time = 0, 0.0
         try:
             while self.step < self.max_steps:
-                if self.batch_in_epoch >= per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                loader = iter(self._train_loader(self.epoch, self.batch_in_epoch))
-                while self.step < self.max_steps and self.batch_in_epoch < per_epoch:
-                    t0 = time.perf_counter()
-                    micro = [next(loader) for _ in range(self.grad_accum_steps)]
-                    logs = self.train_step(micro)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    dt = time.perf_counter() - t0
-                    self.batch_in_epoch += self.grad_accum_steps
-                    images = self.global_batch_size * self.grad_accum_steps
-                    self.images_seen += images
-                    self.train_time += dt
-                    window_images += images
-                    window_time += dt
-                    logs["images_per_sec"] = images / max(dt, 1e-9)
-                    self.last_train_logs = logs
-                    bar.update(1)
-                    bar.set_postfix({k: f"{logs[k]:.4g}" for k in _PROGRESS_KEYS if k in logs}, refresh=False)
-                    if self.log_every and self.step % self.log_every == 0:
-                        logs["images_per_sec"] = window_images / max(window_time, 1e-9)
-                        window_images, window_time = 0, 0.0
-                        self.logger.log(self.step, {**logs, "epoch": self.epoch})
-                    if self.val_every and self.step % self.val_every == 0 and self.step < self.max_steps:
-                        self.validate()
-                    if self.ckpt_every and self.step % self.ckpt_every == 0 and self.step < self.max_steps:
-                        self.save_checkpoint()
+                t0 = time.perf_counter()
+                logs = self.train_step(next(batches))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                images = self.global_batch_size * self.grad_accum_steps
+                self.images_seen += images
+                self.train_time += dt
+                window_images += images
+                window_time += dt
+                logs["images_per_sec"] = images / max(dt, 1e-9)
+                self.last_train_logs = logs
+                bar.update(1)
+                bar.set_postfix({k: f"{logs[k]:.4g}" for k in _PROGRESS_KEYS if k in logs}, refresh=False)
+                if self.log_every and self.step % self.log_every == 0:
+                    logs["images_per_sec"] = window_images / max(window_time, 1e-9)
+                    window_images, window_time = 0, 0.0
+                    self.logger.log(self.step, {**logs, **bad_file_counts(self.train_data), "epoch": self.epoch})
+                if self.val_every and self.step % self.val_every == 0 and self.step < self.max_steps:
+                    self.validate()
+                if self.ckpt_every and self.step % self.ckpt_every == 0 and self.step < self.max_steps:
+                    self.save_checkpoint()
+            batches.close()  # a stream's loader workers stop before the final checkpoint
             self.save_checkpoint()
             if self.val_data is not None:
                 self.validate()
@@ -361,6 +395,7 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
                     with frozen(self.disc_params):
                         gen: LossOutput = self.tokenizer.generator_loss(batch["image"], guided.reconstruction,
                                                                          guided.quantized, step)
+                        balance_logs = balance_guidance(self.model, guided, gen.loss)  # {} unless adaptive
                         total = gen.loss + sum(guided.losses.values(), torch.zeros((), device=gen.loss.device))
                 check_finite(step, total, gen, guided.losses, self.ckpt_dir)
                 with frozen(self.disc_params):
@@ -378,6 +413,8 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
                 accumulate(sums, k, v)
             for k, v in guided.raw_losses.items():
                 accumulate(sums, f"lg_{k}", v)
+            for k, v in balance_logs.items():
+                accumulate(sums, k, v)
             for k, v in guided.quantized.stats.items():
                 accumulate(sums, f"q_{k}", v)
             if disc is not None:

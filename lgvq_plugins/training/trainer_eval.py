@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from lgvq_plugins.evaluation.metrics import PSNR, CodebookUsage
 from lgvq_plugins.training import distributed as D
-from lgvq_plugins.training.batch_checks import collate_samples
+from lgvq_plugins.training.stream import eval_loader, first_samples
 from lgvq_plugins.training.logs import to_float
 
 
@@ -45,9 +45,8 @@ class TrainerEvaluation:
         psnr = PSNR().to(self.device)
         usage = CodebookUsage(self.tokenizer.quantizer.num_codes).to(self.device)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # L1 sum, SE sum, pixels
-        sampler = DistributedSampler(data, num_replicas=self.world_size, rank=self.rank, shuffle=False)
-        loader = DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                            collate_fn=collate_samples)
+        loader = eval_loader(data, batch_size=self.batch_size, num_workers=self.num_workers, rank=self.rank,
+                             world_size=self.world_size)  # map-style or a stream (IterableDataset)
         try:
             for i, raw in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
@@ -86,8 +85,9 @@ class TrainerEvaluation:
 
         path = Path(path) if path is not None else self.samples_dir / f"step_{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        n = min(self.num_samples, len(self.val_data))
-        x = torch.stack([self.val_data[i]["image"] for i in range(n)]).to(self.device)
+        samples = first_samples(self.val_data, self.num_samples)
+        n = len(samples)
+        x = torch.stack([s["image"] for s in samples]).to(self.device)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -27,6 +27,8 @@ class TrainerCheckpoints:
         """Write a checkpoint of the current step (rank 0; every rank's RNG state included)."""
         rng = ckpt_io.get_rng_state(self.model)
         rngs = D.all_gather_json(rng)
+        # A stream's position is per rank (its epochs are not aligned across ranks).
+        streams = D.all_gather_json(self.stream.state_dict()) if self.stream is not None else None
         path = None
         if self.is_main_process:
             state = self.model.state_dict()
@@ -40,7 +42,8 @@ class TrainerCheckpoints:
                        "grad_accum_steps": self.grad_accum_steps,
                        "schedulers": {k: (s.state_dict() if s is not None else None)
                                       for k, s in self.schedulers.items()},
-                       "rng": rngs, "config_hash": self.config_hash, "config": self.config_lines})
+                       "rng": rngs, "config_hash": self.config_hash, "config": self.config_lines,
+                       **({"stream": streams} if streams is not None else {})})
             path = ckpt_io.save_checkpoint(self.ckpt_dir, ck, keep_last=self.keep_last)
         if D.is_distributed():
             dist.barrier()
@@ -88,7 +91,10 @@ class TrainerCheckpoints:
         s = ck.state
         self.step, self.epoch, self.batch_in_epoch = int(s["step"]), int(s["epoch"]), int(s["batch_in_epoch"])
         self.images_seen, self.train_time = int(s.get("images_seen", 0)), float(s.get("train_time_s", 0.0))
-        if int(s.get("world_size", self.world_size)) != self.world_size or int(s.get("batch_size", self.batch_size)) != self.batch_size:
+        if self.stream is not None:  # the stream continues where each rank stopped (or warns)
+            self.stream.load_state_dict(s.get("stream") or [])
+            self.epoch, self.batch_in_epoch = self.stream.epoch, self.stream.batches
+        elif int(s.get("world_size", self.world_size)) != self.world_size or int(s.get("batch_size", self.batch_size)) != self.batch_size:
             warnings.warn(f"resuming {ck.path} with world size {self.world_size} / batch {self.batch_size} "
                           f"(saved: {s.get('world_size')} / {s.get('batch_size')}): the data order differs "
                           "from an uninterrupted run", stacklevel=2)
