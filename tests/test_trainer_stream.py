@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import write_shards
+from fakes_trainer import FakeGuided, FakeTokenizer
 from torch.utils.data import DataLoader
 
 from lgvq_plugins import api
 from lgvq_plugins.training.stream import StreamEpochError, TrainStream
 from lgvq_plugins.training.trainer import Trainer
-
-from data_fixtures import write_shards
-from fakes_trainer import FakeGuided, FakeTokenizer
 
 SHARDS, PER_SHARD = 4, 5  # 20 samples, keys s{shard}_{i}
 EVERY = {f"s{s}_{i}" for s in range(SHARDS) for i in range(PER_SHARD)}
@@ -189,9 +188,9 @@ def test_bad_samples_met_in_loader_workers_are_counted(tmp_path):
 def test_gin_run_on_webdataset_shards(tmp_path):
     """``python -m lgvq_plugins.run`` on shards: trains by steps, validates on a val shard,
     writes metrics.json with the data report and a checkpoint holding the stream's position."""
-    import gin
     import json
 
+    import gin
     from lgvq_plugins.run import main
 
     write_shards(tmp_path / "train", shards=3, per_shard=6, bad={"s1_3": "corrupt"})

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from data_fixtures import write_shards
 from ddp import torchrun
 

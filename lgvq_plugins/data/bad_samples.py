@@ -130,7 +130,7 @@ class SharedProblemTally:
         n = int(self.counts[row].sum())
         self.counts[row, column] += 1
         if n < self.max_examples:
-            text = f"{kind}\t{path}{': ' + detail if detail else ''}".encode("utf-8")[: self.examples.shape[2]]
+            text = f"{kind}\t{path}{': ' + detail if detail else ''}".encode()[: self.examples.shape[2]]
             self.examples[row, n, : len(text)] = torch.tensor(list(text), dtype=torch.uint8)
         if warn and kind not in self._warned:
             self._warned.add(kind)

@@ -36,7 +36,12 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lgvq_plugins.data.bad_samples import CONVERTED, BadSampleError, SharedProblemTally, merge_reports
+from lgvq_plugins.data.bad_samples import (
+    CONVERTED,
+    BadSampleError,
+    SharedProblemTally,
+    merge_reports,
+)
 from lgvq_plugins.data.captioned import clean_captions
 from lgvq_plugins.data.images import decode_bytes
 from lgvq_plugins.data.transforms import PaperTransform, choose_caption
