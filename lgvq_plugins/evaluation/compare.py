@@ -22,6 +22,12 @@ writes ``<root>/<name>/``::
 A run whose ``metrics.json`` exists with the same parsed configuration (``gin_config_hash``:
 every setting except names, folders and logging) is reused, not retrained; tasks it lacks
 are evaluated from its ``pretrained/`` folder.
+
+``Comparison.tokenizers_from = 'runs/shapes_compare'`` evaluates tokenizers another
+comparison already trained instead of training any: run ``<variant>_s<seed>`` takes its model
+from ``<tokenizers_from>/runs/<variant>_s<seed>/pretrained`` (which must be finished and have
+seen the same data), and only the tasks run (e.g. the downstream tasks on base vs guided
+tokenizers, ``gin/compare/shapes_downstream_compare.gin``). Nothing is written into that folder.
 """
 
 from __future__ import annotations
@@ -31,16 +37,20 @@ import html
 import io
 import json
 import math
+import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import gin
+from lgvq_plugins import api
 from lgvq_plugins.config import parse_gin
-from lgvq_plugins.evaluation import plots
+from lgvq_plugins.evaluation import plots, task_views
 from lgvq_plugins.evaluation import report as R
 from lgvq_plugins.evaluation.evaluate import evaluate_pretrained
+from lgvq_plugins.evaluation.task import run_tasks
 from lgvq_plugins.training.checkpoint import write_json_atomic, write_text_atomic
 from lgvq_plugins.training.experiment import (
     RESULT_NEUTRAL_SETTINGS,
@@ -50,7 +60,10 @@ from lgvq_plugins.training.experiment import (
 
 #: metrics drawn as bars in the comparison report when present (the paper's claims).
 HEADLINE = ("reconstruction/psnr", "reconstruction/usage", "reconstruction/fid",
-            "code_word_alignment/mse", "masked_word_prediction/recall@1_1word", "val_psnr", "val_codebook_usage")
+            "code_word_alignment/code_word_mse", "masked_word_prediction/recall@1_k1", "val_psnr",
+            "val_codebook_usage", "text_to_image/fid", "text_to_image/caption_match", "unconditional/fid",
+            "completion/fid", "semantic_synthesis/fid", "captioning/bleu_4", "captioning/cider",
+            "vqa/accuracy", "grounding/acc_0.5")
 
 
 def _bound(name: str, default: Any) -> Any:
@@ -153,12 +166,16 @@ class Comparison:
         same_data: refuse variants whose data settings differ (the comparison would not
             compare tokenizers).
         retrain: train every run again even when a finished one matches.
+        tokenizers_from: another comparison's folder (e.g. ``'runs/shapes_compare'``): train
+            nothing, evaluate the tasks on its finished run ``<variant>_s<seed>`` instead
+            (read only; it must have seen the same data as the variant).
     """
 
     def __init__(self, name: str = "comparison", root: str = "runs",
                  variants: Mapping[str, str | Sequence[str]] = gin.REQUIRED, seeds: Sequence[int] = (0, 1, 2),
                  tasks: Sequence[str] = ("reconstruction",), bindings: Sequence[str] = (),
-                 same_data: bool = True, retrain: bool = False, overrides: Sequence[str] = ()):
+                 same_data: bool = True, retrain: bool = False, tokenizers_from: str | None = None,
+                 overrides: Sequence[str] = ()):
         if not variants:
             raise ValueError("Comparison.variants is empty: list e.g. {'cvq': ['cvq.gin'], 'cvq_lg': ['cvq_lg.gin']}")
         if not seeds:
@@ -170,6 +187,24 @@ class Comparison:
         self.tasks = list(tasks)
         self.bindings = list(bindings) + list(overrides)
         self.same_data, self.retrain = bool(same_data), bool(retrain)
+        self.tokenizers_from = Path(tokenizers_from) if tokenizers_from else None
+        if self.tokenizers_from is not None and self.tokenizers_from.resolve() == self.out_dir.resolve():
+            raise ValueError(f"Comparison.tokenizers_from = {str(tokenizers_from)!r} is this comparison's own folder; "
+                             "give the comparison another Comparison.name (its runs are only read)")
+        self.eval_data: tuple[str, str] | None = None  # (data set, split) the tasks ran on
+
+    def tokenizer_run(self, variant: str, seed: int) -> Path:
+        """The finished run of ``tokenizers_from`` whose model ``variant`` × ``seed`` evaluates."""
+        assert self.tokenizers_from is not None
+        name = f"{variant}_s{seed}"
+        tried = [self.tokenizers_from / "runs" / name, self.tokenizers_from / name]
+        for run in tried:
+            if (run / "metrics.json").is_file() and (run / "pretrained" / "config.json").is_file():
+                return run
+        raise FileNotFoundError(
+            f"comparison {self.name!r}: no finished tokenizer run for {variant!r} seed {seed} under "
+            f"Comparison.tokenizers_from = '{self.tokenizers_from}' (tried {', '.join(map(str, tried))}: each needs "
+            "metrics.json and pretrained/config.json). Wait for that run to finish, or drop the seed/variant")
 
     def run_bindings(self, variant: str, seed: int) -> tuple[list[str], list[str]]:
         files, own = self.variants[variant]
@@ -194,6 +229,14 @@ class Comparison:
                              f"({data} vs {data_seen[first]}); bind the data settings in Comparison.bindings, "
                              "or set Comparison.same_data = False to compare anyway")
         data_seen.setdefault(variant, data)
+        split = _bound("Experiment.task_split", None) or _bound("Experiment.val_split", "val")
+        self.eval_data = (dataset, split)
+        if self.tokenizers_from is not None:
+            source = self.tokenizer_run(variant, seed)
+            self._check_source(variant, source, files, bindings, data, dataset)
+            if check_only:
+                return {}, "checked"
+            return self._evaluate_source(variant, seed, source, digest, dataset, split)
         if check_only:
             return {}, "checked"
         run_dir = self.out_dir / "runs" / f"{variant}_s{seed}"
@@ -202,7 +245,6 @@ class Comparison:
             missing = [t for t in self.tasks if t not in (old.get("tasks") or {})]
             if not missing:
                 return old, "reused"
-            split = _bound("Experiment.task_split", None) or _bound("Experiment.val_split", "val")
             extra = evaluate_pretrained(run_dir / "pretrained", run_dir / "eval", tasks=missing,
                                         dataset=dataset, split=split, report=False)
             old["tasks"] = {**(old.get("tasks") or {}), **extra["tasks"]}
@@ -213,6 +255,59 @@ class Comparison:
         experiment.build()
         experiment.write_operative_config(gin.operative_config_str())
         return experiment.run(), "trained"
+
+    def _check_source(self, variant: str, source: Path, files: Sequence[str], bindings: Sequence[str],
+                      data: list[str], dataset: str) -> None:
+        """The tokenizer run must have seen this variant's data, with the variant's backbone and
+        guidance setting (its ``config.gin`` is parsed, then the variant's configuration again)."""
+        theirs = R.read_metrics(source) or {}
+        ours = {"backbone": _bound("Experiment.backbone", None), "guidance": bool(_bound("LanguageGuided.enabled", True)),
+                "dataset": dataset}
+        gin.clear_config()
+        parse_gin([source / "config.gin"])
+        their_data = data_identity(gin.config_str(), _bound("Experiment.dataset", dataset))
+        gin.clear_config()
+        parse_gin(files, bindings)  # the variant's configuration again: the tasks run under it
+        wrong = {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) is not None and theirs.get(k) != v}
+        if their_data != data and self.same_data:
+            wrong["data"] = (data, their_data)
+        if wrong:
+            raise ValueError(f"comparison {self.name!r}: variant {variant!r} ({', '.join(files)}) does not match its "
+                             f"tokenizer run {source}: " + "; ".join(f"{k}: variant {a!r} vs run {b!r}"
+                                                                      for k, (a, b) in wrong.items())
+                             + ". Give the variant the run's gin files, or point Comparison.tokenizers_from elsewhere")
+
+    def _evaluate_source(self, variant: str, seed: int, source: Path, digest: str, dataset: str,
+                         split: str) -> tuple[dict[str, Any], str]:
+        """Run the tasks on ``source``'s saved model into ``<out_dir>/runs/<variant>_s<seed>``
+        (reused when the settings and the tokenizer are those of the folder's last evaluation)."""
+        from lgvq_plugins.pretrained import from_pretrained
+
+        theirs = R.read_metrics(source) or {}
+        run_dir = self.out_dir / "runs" / f"{variant}_s{seed}"
+        old = R.read_metrics(run_dir)
+        same = bool(old) and not self.retrain and old.get("gin_config_hash") == digest \
+            and old.get("tokenizer_config_hash") == theirs.get("gin_config_hash")
+        done = dict(old.get("tasks") or {}) if same else {}
+        missing = [t for t in self.tasks if t not in done]
+        if not missing:
+            return old, "reused"
+        if not same and (run_dir / "eval").is_dir():
+            shutil.rmtree(run_dir / "eval")  # other settings: no stale prior checkpoints resumed
+        start = time.time()
+        model = from_pretrained(source / "pretrained")
+        data = api.create_dataset(dataset, split=split)
+        results = run_tasks(model, data, missing, run_dir / "eval")
+        metrics = {"name": f"{variant}_s{seed}", "backbone": theirs.get("backbone"), "dataset": dataset,
+                   "guidance": theirs.get("guidance"), "seed": seed, "tokenizer_run": str(source),
+                   "tokenizer_config_hash": theirs.get("gin_config_hash"), "gin_config_hash": digest,
+                   "tasks": {**done, **{n: r.to_json() for n, r in results.items()}},
+                   "eval_time_s": time.time() - start + float((old or {}).get("eval_time_s", 0) if same else 0)}
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        R.write_run_report(run_dir, model=model, data=data, metrics=metrics, twin=False,
+                           log=source / "logs" / "metrics.jsonl",
+                           title=f"lgvq evaluation: {variant}_s{seed} (tokenizer of {source})")
+        return metrics, "reused+eval" if same else "evaluated"
 
     def run(self) -> dict[str, Any]:
         """Train/evaluate every variant × seed, then write the table and the report."""
@@ -236,19 +331,39 @@ class Comparison:
         summary = {"name": self.name, "variants": {v: {"files": f, "bindings": b} for v, (f, b) in self.variants.items()},
                    "seeds": self.seeds, "tasks": self.tasks, "bindings": self.bindings, "status": status,
                    "table": {k: {v: list(s) for v, s in c.items()} for k, c in table["cells"].items()},
-                   "runs": runs, "wall_time_s": time.time() - start}
+                   "runs": runs, "wall_time_s": time.time() - start,
+                   "tokenizers_from": str(self.tokenizers_from) if self.tokenizers_from else None}
         write_json_atomic(self.out_dir / "comparison.json", summary)
-        write_comparison_report(self.out_dir, table, variants, self.seeds, status, summary)
+        first = {v: (runs[v][0], self.out_dir / "runs" / f"{v}_s{self.seeds[0]}") for v in variants if runs[v]}
+        write_comparison_report(self.out_dir, table, variants, self.seeds, status, summary,
+                                task_outputs=first, data=self._report_data())
         return summary
+
+    def _report_data(self) -> Any:
+        """The evaluated split (for the images of the task sections), built under the last
+        variant's configuration — every variant sees the same data; None when it cannot be built."""
+        if self.eval_data is None:
+            return None
+        try:
+            return api.create_dataset(self.eval_data[0], split=self.eval_data[1])
+        except Exception as exc:  # noqa: BLE001 - the report shows the outputs without images
+            warnings.warn(f"comparison report: the evaluated data could not be built ({exc}); task outputs are "
+                          "shown without images", RuntimeWarning, stacklevel=2)
+            return None
 
 
 def write_comparison_report(out_dir: Path, table: Mapping[str, Any], variants: Sequence[str],
-                            seeds: Sequence[int], status: Mapping[str, str], summary: Mapping[str, Any]) -> Path:
+                            seeds: Sequence[int], status: Mapping[str, str], summary: Mapping[str, Any], *,
+                            task_outputs: Mapping[str, tuple[Mapping[str, Any], Path]] | None = None,
+                            data: Any = None) -> Path:
     """``report.html`` of a comparison: its settings, the table, bars of the headline
-    metrics and links to every run's own report."""
+    metrics, each downstream task's outputs side by side for the variants (``task_outputs``:
+    variant → (metrics, run folder) of the first seed; ``data``: the evaluated split, for the
+    images) and links to every run's own report."""
     settings = [[("key", html.escape(k)), ("proto", html.escape(str(v)))] for k, v in (
         ("variants", json.dumps(summary["variants"])), ("seeds", seeds), ("tasks", summary["tasks"]),
-        ("bindings", summary["bindings"]), ("wall time (s)", R.fmt(summary["wall_time_s"])))]
+        ("bindings", summary["bindings"]), ("tokenizers from", summary.get("tokenizers_from") or "trained here"),
+        ("wall time (s)", R.fmt(summary["wall_time_s"])))]
     rows = []
     for key, proto in table["metrics"]:
         rows.append([("key", html.escape(key))] + [("num", html.escape(cell(table["cells"][key][v]))) for v in variants]
@@ -265,7 +380,9 @@ def write_comparison_report(out_dir: Path, table: Mapping[str, Any], variants: S
         R.section("comparison", "Table (mean ± std over seeds)",
                   R.table(["metric", *variants, "protocol", "note"], rows)),
         R.section("figures", "Headline metrics", bars),
-        R.section("runs", "Runs", R.table(["run", "trained or reused", "report"], links)),
+        *task_views.task_sections({f"{v} (seed {seeds[0]})": src for v, src in (task_outputs or {}).items()},
+                                  data, tasks=summary["tasks"]),
+        R.section("runs", "Runs", R.table(["run", "trained, reused or evaluated", "report"], links)),
     ]
     out = out_dir / "report.html"
     out.write_text(R.page(f"lgvq comparison: {summary['name']}", sections), encoding="utf-8")

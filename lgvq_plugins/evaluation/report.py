@@ -13,25 +13,35 @@ A run's report has these sections (each an ``<section id=...>``):
 * ``usage`` — the codebook-usage histogram over the evaluation set;
 * ``losses`` — training losses and validation metrics from ``logs/metrics.jsonl``;
 * ``heatmaps`` — word→code similarity maps for a few test captions (the paper's Figure 6),
-  when the model is guided.
+  when the model is guided;
+* ``task-<name>`` — for each downstream task that ran, what it produced (generated samples,
+  captions, answers, boxes on images; :mod:`~lgvq_plugins.evaluation.task_views`).
 
     write_run_report("runs/cvq_lg", model=model, data=test_split)
 """
 
 from __future__ import annotations
 
-import html
 import json
-import math
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from lgvq_plugins.evaluation import plots
+from lgvq_plugins.evaluation import plots, task_views
+from lgvq_plugins.evaluation.page import e as _e
+from lgvq_plugins.evaluation.page import (
+    fmt,
+    guarded,
+    img_tag,
+    missing,
+    page,
+    protocol_text,
+    section,
+    table,
+)
 from lgvq_plugins.evaluation.plots import (
     heatmap_pngs,
     reconstruction_png,
@@ -46,78 +56,6 @@ RUN_SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Run"), ("metrics", "Metrics"), ("reconstructions", "Reconstructions"),
     ("usage", "Codebook usage"), ("losses", "Loss curves"), ("heatmaps", "Word → code similarity"),
 )
-
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.88em;margin:.5em 0}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.proto,p.proto{color:#555;font-size:.85em}h3{font-size:1em}.missing{color:#a33;font-style:italic}
-img{max-width:100%;image-rendering:pixelated;display:block;margin:.4em 0}
-figure{margin:.6em 0}figcaption{font-size:.85em;color:#555}
-"""
-
-
-# ---------------------------------------------------------------------------------------
-# HTML pieces
-# ---------------------------------------------------------------------------------------
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def fmt(value: Any) -> str:
-    """A number as shown in reports and tables (4 significant digits; ints as ints)."""
-    if isinstance(value, bool) or value is None:
-        return "—" if value is None else str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-    return str(value)
-
-
-def protocol_text(protocol: Mapping[str, Any] | None) -> str:
-    """``split=test; images=256; ...`` from a protocol dict."""
-    if not protocol:
-        return ""
-
-    def flat(prefix: str, value: Any) -> list[str]:  # nested protocols (e.g. FID's extractor)
-        if isinstance(value, Mapping):
-            return [p for k, v in value.items() for p in flat(f"{prefix}.{k}" if prefix else str(k), v)]
-        return [] if value is None else [f"{prefix}={value}"]
-
-    return "; ".join(flat("", protocol))
-
-
-def img_tag(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="{plots.png_data_uri(png)}">'
-
-
-def section(sid: str, heading: str, body: str) -> str:
-    return f'<section id="{_e(sid)}">\n<h2>{_e(heading)}</h2>\n{body}\n</section>'
-
-
-def missing(reason: str) -> str:
-    return f'<p class="missing">{_e(reason)}</p>'
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]]) -> str:
-    """rows of (css class, already-escaped html) cells."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "\n".join("<tr>" + "".join(f'<td class="{c}">{v}</td>' for c, v in row) + "</tr>" for row in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
-
-
-def page(title: str, sections: Sequence[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
-
 
 # ---------------------------------------------------------------------------------------
 # Metrics
@@ -229,18 +167,6 @@ def _usage_from_tasks(metrics: Mapping[str, Any]) -> list[float] | None:
     return None
 
 
-def _guarded(sid: str, build: Any) -> str:
-    """``build()``, or a note saying why the section could not be drawn: a figure that fails
-    (an unusual tokenizer, a log without the plotted keys) must not lose a finished run's
-    report — the failure is shown in the page and warned about."""
-    try:
-        return build()
-    except Exception as exc:  # noqa: BLE001 - reported in the page and as a warning
-        warnings.warn(f"report.html: section {sid!r} could not be drawn: {type(exc).__name__}: {exc}",
-                      RuntimeWarning, stacklevel=3)
-        return missing(f"could not be drawn: {type(exc).__name__}: {exc}")
-
-
 def _latest_sample(run_dir: Path) -> Path | None:
     samples = sorted((run_dir / "samples").glob("step_*.png"))
     return samples[-1] if samples else None
@@ -321,7 +247,7 @@ def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, dat
     try:
         for sid, build in (("reconstructions", reconstructions), ("usage", usage), ("losses", losses),
                            ("heatmaps", heatmaps)):
-            bodies[sid] = _guarded(sid, build)
+            bodies[sid] = guarded(sid, build)
     finally:
         if model is not None:
             model.train(was_training)
@@ -329,6 +255,9 @@ def write_run_report(run_dir: str | Path, *, model: nn.Module | None = None, dat
     out = Path(out) if out is not None else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     sections = [section(sid, heading, bodies[sid]) for sid, heading in RUN_SECTIONS]
+    # the downstream tasks' outputs (samples, captions, answers, boxes), after the fixed sections
+    sections += task_views.task_sections({str(metrics.get("name", run_dir.name)): (metrics, run_dir)},
+                                         data)
     out.write_text(page(title or f"lgvq report: {metrics.get('name', run_dir.name)}", sections), encoding="utf-8")
     return out
 
