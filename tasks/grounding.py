@@ -5,6 +5,8 @@ Protocol of :class:`~lgvq_plugins.tasks.vqa.ReaderTask`: a
 ``refexp`` and regresses the referred object's box ``(x0, y0, x1, y1)`` (pixels, as the
 data set gives it) in image-size units, trained with L1 + generalised IoU loss (DETR's
 pair). A prediction counts at Acc@0.5 when its IoU with the true box is at least 0.5.
+Under torchrun the predicted and true boxes of every rank are gathered in sample order, so
+1 and N processes give the same numbers.
 """
 
 from __future__ import annotations
@@ -56,12 +58,17 @@ class Grounding(ReaderTask):
         box = _to_box(out)
         return (box - target).abs().sum(-1).mean() + generalized_box_iou_loss(box, target, reduction="mean")
 
-    def score(self, out: Tensor, samples: list[dict[str, Any]]):
-        if not samples:
-            return {"acc_0.5": None, "mean_iou": None}, {"acc_0.5": "no evaluated samples"}, {}
-        iou = pair_iou(_to_box(out), self._norm(samples))
-        examples = [{"refexp": s["refexp"], "box": self._norm([s])[0].tolist(), "predicted": b.tolist(), "iou": float(i)}
-                    for s, b, i in list(zip(samples, _to_box(out), iou))[:32]]
+    def record(self, index: int, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"index": int(index), "refexp": sample["refexp"], "box": self._norm([sample])[0].tolist()}
+
+    def score(self, out: Tensor, records: list[dict[str, Any]]):
+        if not records:
+            why = "no evaluated samples"
+            return {"acc_0.5": None, "mean_iou": None}, {"acc_0.5": why, "mean_iou": why}, {}
+        boxes = _to_box(out)
+        iou = pair_iou(boxes, torch.tensor([r["box"] for r in records]))
+        examples = [{"index": r["index"], "refexp": r["refexp"], "box": r["box"], "predicted": b.tolist(),
+                     "iou": float(i)} for r, b, i in list(zip(records, boxes, iou))[:32]]
         return {"acc_0.5": accuracy_at(iou, 0.5), "mean_iou": float(iou.mean())}, {}, {"examples": examples}
 
 
