@@ -56,3 +56,46 @@ def test_two_ranks_uneven_shards_same_steps_and_summed_bad_counts(tmp_path):
     assert all(key in examples for key in ("s0_0", "s1_0", "s3_0"))
     logs = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [e["data_skipped"] for e in logs if "data_skipped" in e][-1] == 5.0
+
+
+_REPORT_SCRIPT = '''
+import json, sys
+from lgvq_plugins import api
+from lgvq_plugins.training import distributed as D
+
+D.setup_distributed()
+rank = D.rank()
+images = api.create_dataset("image_text", root=sys.argv[1], split="train", size=32, skip_bad_samples=True)
+images[1 if rank == 0 else 4]  # each rank meets one truncated image (and loads the next good one)
+shards = api.create_dataset("webdataset", urls=sys.argv[2], split="train", size=16, min_image_side=8,
+                            skip_bad_samples=True, shuffle_shards=False)
+keys = [s["key"] for s in shards]  # rank 0 reads shard 0, rank 1 shard 1
+reports = {"image_text": images.data_report(), "webdataset": shards.data_report(), "keys": keys}
+if rank == 0:
+    open(sys.argv[3], "w").write(json.dumps(reports))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_data_reports_count_the_bad_files_of_every_rank(tmp_path):
+    """2 torchrun processes: each rank finds a different bad file in a map-style reader and in
+    its webdataset shard; rank 0's report (the one metrics.json gets) counts all of them."""
+    from data_fixtures import image_text_tree, truncate
+
+    root = image_text_tree(tmp_path / "d", n=10)
+    truncate(root / "imgs/001.jpg")
+    truncate(root / "imgs/004.jpg")
+    write_shards(tmp_path / "s", shards=2, per_shard=3, bad={"s0_1": "corrupt", "s1_2": "no_caption"})
+    script = tmp_path / "reports.py"
+    script.write_text(_REPORT_SCRIPT)
+    out = tmp_path / "reports.json"
+    torchrun([str(script), str(root), str(tmp_path / "s" / "train-{000000..000001}.tar"), str(out)],
+             cwd=REPO, timeout=600)
+    reports = json.loads(out.read_text())
+    assert reports["keys"] == ["s0_0", "s0_2"]
+    assert reports["image_text"]["by_kind"] == {"truncated_image": 2}  # once per file, both ranks'
+    examples = " ".join(reports["image_text"]["examples"]["truncated_image"])
+    assert "001.jpg" in examples and "004.jpg" in examples
+    assert reports["webdataset"]["by_kind"] == {"corrupt_image": 1, "no_caption": 1}
+    assert reports["webdataset"]["skipped"] == 2
