@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import json
 import re
@@ -129,7 +130,7 @@ def test_comparison_report_shows_each_tasks_outputs_side_by_side(downstream):
         assert f"generated: {variant} (seed 0)" in text
     run = json.loads((out / "runs" / "lg_s0" / "metrics.json").read_text())
     vqa = run["tasks"]["vqa"]["tables"]["examples"]
-    assert vqa[0]["question"] in text and "answer: base (seed 0)" in text
+    assert html.escape(vqa[0]["question"]) in text and "answer: base (seed 0)" in text
     assert len(page.images["task-vqa"]) == 6 and len(page.images["task-captioning"]) == 6  # a thumbnail per row
     assert 'class="missing"' not in text
 
@@ -151,7 +152,7 @@ def test_the_generation_figure_pairs_real_and_generated_images_of_samples_png(tm
     save_image(torch.stack([real, fake], 1).flatten(0, 1), tmp_path / "samples.png", nrow=2, padding=1)
     pairs = split_pairs((tmp_path / "samples.png").read_bytes(), (8, 8))
     assert len(pairs) == 3
-    as_u8 = lambda t: t.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()  # noqa: E731
+    as_u8 = lambda t: t.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
     for (r, f), rt, ft in zip(pairs, real, fake):
         assert np.array_equal(r, as_u8(rt)) and np.array_equal(f, as_u8(ft))
     with pytest.raises(ValueError, match="not a 2-column grid of 7x8"):

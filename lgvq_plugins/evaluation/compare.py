@@ -297,13 +297,17 @@ class Comparison:
         start = time.time()
         model = from_pretrained(source / "pretrained")
         data = api.create_dataset(dataset, split=split)
-        results = run_tasks(model, data, missing, run_dir / "eval")
         metrics = {"name": f"{variant}_s{seed}", "backbone": theirs.get("backbone"), "dataset": dataset,
                    "guidance": theirs.get("guidance"), "seed": seed, "tokenizer_run": str(source),
                    "tokenizer_config_hash": theirs.get("gin_config_hash"), "gin_config_hash": digest,
-                   "tasks": {**done, **{n: r.to_json() for n, r in results.items()}},
-                   "eval_time_s": time.time() - start + float((old or {}).get("eval_time_s", 0) if same else 0)}
-        write_json_atomic(run_dir / "metrics.json", metrics)
+                   "tasks": done, "task_time_s": dict((old or {}).get("task_time_s") or {}) if same else {}}
+        for task in missing:  # saved after each task: an interrupted evaluation keeps what finished
+            t0 = time.time()
+            metrics["tasks"] = {**metrics["tasks"], **{n: r.to_json() for n, r in
+                                                       run_tasks(model, data, [task], run_dir / "eval").items()}}
+            metrics["task_time_s"][task] = time.time() - t0
+            write_json_atomic(run_dir / "metrics.json", metrics)
+        metrics["eval_time_s"] = time.time() - start
         R.write_run_report(run_dir, model=model, data=data, metrics=metrics, twin=False,
                            log=source / "logs" / "metrics.jsonl",
                            title=f"lgvq evaluation: {variant}_s{seed} (tokenizer of {source})")
