@@ -33,3 +33,21 @@ def torchrun(args: Sequence[str], *, nproc: int = 2, cwd: str | Path | None = No
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def one_and_two_processes(tmp_path: Path, worker_source: str, result_file: str,
+                          timeout: float = 900) -> dict[int, dict]:
+    """Run the worker script ``worker_source`` (argv: output folder, shared cache folder) with 1
+    and then 2 torchrun processes; return ``{nproc: the JSON rank 0 wrote to result_file}``."""
+    import json
+
+    script = tmp_path / "worker.py"
+    script.write_text(worker_source)
+    cache = tmp_path / "cache"
+    found = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        torchrun([str(script), str(out), str(cache)], nproc=nproc, timeout=timeout)
+        found[nproc] = json.loads((out / result_file).read_text())
+    return found

@@ -7,11 +7,10 @@ the alignment probe of the unguided tokenizer is trained identically on every ra
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from ddp import torchrun
+from ddp import one_and_two_processes
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -61,15 +60,7 @@ WORKER = textwrap.dedent('''
 
 @pytest.mark.ddp
 def test_one_and_two_processes_give_the_same_numbers(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    cache = tmp_path / "cache"
-    found = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        out.mkdir()
-        torchrun([str(script), str(out), str(cache)], nproc=nproc, timeout=900)
-        found[nproc] = json.loads((out / "metrics.json").read_text())
+    found = one_and_two_processes(tmp_path, WORKER, "metrics.json")
     assert found[1]["images"] == found[2]["images"] == 9  # every image once, none twice
     for kind in ("guided", "unguided"):
         one, two = found[1][kind], found[2][kind]

@@ -7,11 +7,10 @@ examples table would list 5 samples instead of 9.
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from ddp import torchrun
+from ddp import one_and_two_processes
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -47,15 +46,7 @@ WORKER = textwrap.dedent('''
 
 @pytest.mark.ddp
 def test_vqa_and_grounding_score_every_sample_once_under_torchrun(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    cache = tmp_path / "cache"
-    found = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        out.mkdir()
-        torchrun([str(script), str(out), str(cache)], nproc=nproc, timeout=900)
-        found[nproc] = json.loads((out / "found.json").read_text())
+    found = one_and_two_processes(tmp_path, WORKER, "found.json")
     for name in ("vqa", "grounding"):
         one, two = found[1][name], found[2][name]
         assert one["images"] == two["images"] == 9
