@@ -52,6 +52,20 @@ def _record_keys(monkeypatch) -> list[list[str]]:
     return seen
 
 
+
+def _die_at_step(monkeypatch, step: int):
+    """Make ``Trainer.train_step`` raise as a killed run would when it reaches ``step``;
+    return the original method, to put back for the resumed run."""
+    original = Trainer.train_step
+
+    def dies(self, micro):
+        if self.step == step:
+            raise KeyboardInterrupt("killed")
+        return original(self, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", dies)
+    return original
+
 def test_streamed_training_counts_steps_and_starts_the_next_epoch_reshuffled(tmp_path, monkeypatch):
     seen = _record_keys(monkeypatch)
     trainer = _trainer(tmp_path / "run", _data(_shards(tmp_path)), max_steps=12)
@@ -75,14 +89,7 @@ def test_resume_continues_with_the_samples_not_yet_seen(tmp_path, monkeypatch):
     expected, expected_keys = reference.model.state_dict(), list(seen)
     seen.clear()
 
-    original = Trainer.train_step
-
-    def dies_at_step_4(self, micro):
-        if self.step == 4:
-            raise KeyboardInterrupt("killed")
-        return original(self, micro)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
+    original = _die_at_step(monkeypatch, 4)
     interrupted = _trainer(tmp_path / "b", _data(urls), max_steps=8, ckpt_every=3)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
@@ -125,14 +132,7 @@ def test_resume_with_two_loader_workers_sees_each_sample_once_per_epoch(tmp_path
     write_shards(tmp_path / "w", shards=4, per_shard=8)  # 32 samples: 4 batches per worker
     urls = str(tmp_path / "w" / "train-{000000..000003}.tar")
     seen = _record_keys(monkeypatch)
-    original = Trainer.train_step
-
-    def dies_at_step_3(self, micro):
-        if self.step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, micro)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
+    original = _die_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _trainer(tmp_path / "r", _data(urls), max_steps=8, ckpt_every=3, num_workers=2).fit()
     before = seen[:3]
