@@ -28,25 +28,25 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from lgvq_plugins.training import distributed as D
-from lgvq_plugins.training.batch_checks import collate_samples, drop_bad_samples
+from lgvq_plugins.training.batch_checks import drop_bad_samples
 from lgvq_plugins.contracts import check_implements
 from lgvq_plugins.interfaces import GuidedOutput, LossOutput, Tokenizer
 from lgvq_plugins.data.bad_samples import bad_file_counts
-from lgvq_plugins.data.sampler import ResumableSampler
 from lgvq_plugins.training.logs import MetricsLogger, to_float
 from lgvq_plugins.training.optim import create_optimizer, create_scheduler
 from lgvq_plugins.training.stream import TrainStream, is_stream
 from lgvq_plugins.training.step_utils import (
     NonFiniteLossError, accumulate, balance_guidance, check_finite, check_positive, frozen, to_device,
 )
+from lgvq_plugins.training.trainer_data import TrainerData
 from lgvq_plugins.training.trainer_eval import TrainerEvaluation, codebook_fingerprint
 from lgvq_plugins.training.trainer_resume import ConfigMismatchError, TrainerCheckpoints
 
@@ -61,7 +61,7 @@ _PROGRESS_KEYS = ("loss", "rec_loss", "rec", "q_usage", "disc_loss", "images_per
 
 
 @gin.configurable(denylist=["model", "train_data", "val_data", "out_dir", "config_hash", "config_lines"])
-class Trainer(TrainerEvaluation, TrainerCheckpoints):
+class Trainer(TrainerData, TrainerEvaluation, TrainerCheckpoints):
     """Trains a ``LanguageGuided`` model (or anything with ``.tokenizer`` whose forward is
     ``(images, captions, batch) -> GuidedOutput``), or a generic model without ``.tokenizer``
     whose forward is ``(batch) -> LossOutput`` (no discriminator; the second stage's priors
@@ -258,53 +258,6 @@ class Trainer(TrainerEvaluation, TrainerCheckpoints):
     # ------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------
-    def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
-        if hasattr(self.train_data, "set_epoch"):
-            self.train_data.set_epoch(epoch)
-        sampler = ResumableSampler(self.train_data, shuffle=True, seed=self.seed, drop_last=True)
-        sampler.set_epoch(epoch, start=start_batch * self.batch_size)
-        # A private generator per (seed, epoch, rank): the loader never draws from the global
-        # RNG, and worker seeds do not depend on whether the run was restarted.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.rank)
-        return DataLoader(self.train_data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, generator=generator, collate_fn=collate_samples,
-                          pin_memory=self.device.type == "cuda")
-
-    def _micro_batches_per_epoch(self) -> int:
-        per_rank = len(DistributedSampler(self.train_data, num_replicas=self.world_size, rank=self.rank,
-                                          shuffle=False, drop_last=True))
-        usable = (per_rank // self.batch_size) // self.grad_accum_steps * self.grad_accum_steps
-        if usable == 0:
-            raise ValueError(
-                f"the training set ({len(self.train_data)} samples) is too small for Trainer.batch_size="
-                f"{self.batch_size} × grad_accum_steps={self.grad_accum_steps} × {self.world_size} rank(s); "
-                "lower the batch size or use more data")
-        return usable
-
-    def _indexed_micro_batches(self) -> Iterator[list[Any]]:
-        """Map-style data: ``grad_accum_steps`` micro-batches per update, epoch after epoch.
-        The position counts a group as consumed when it is handed out (the checkpoint after
-        its update then records it)."""
-        per_epoch = self._micro_batches_per_epoch()
-        while True:
-            if self.batch_in_epoch >= per_epoch:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            loader = iter(self._train_loader(self.epoch, self.batch_in_epoch))
-            while self.batch_in_epoch < per_epoch:
-                micro = [next(loader) for _ in range(self.grad_accum_steps)]
-                self.batch_in_epoch += self.grad_accum_steps
-                yield micro
-
-    def _streamed_micro_batches(self, stream: TrainStream) -> Iterator[list[Any]]:
-        """An IterableDataset: micro-batches from this rank's endless stream."""
-        try:
-            while True:
-                micro = stream.micro_batches(self.grad_accum_steps)
-                self.epoch, self.batch_in_epoch = stream.epoch, stream.batches
-                yield micro
-        finally:
-            stream.close()
-
     def fit(self) -> dict[str, float]:
         """Train until ``max_steps`` (continuing from the current step after :meth:`resume`).
 
