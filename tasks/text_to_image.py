@@ -10,6 +10,10 @@ with the ``shapes_probe`` extractor, ``caption_match``: the fraction of generate
 whose set of objects (shape, colour, size), as the probe reads it, equals the scene the
 caption describes (val/test captions mention every object). ``caption_match_real`` is the
 same rate on the real images: the probe's own ceiling, to read ``caption_match`` against.
+Exact matches are rare for a small probe, so ``caption_object_f1`` grades partial matches:
+the micro-F1 between the objects the probe reads in the generated images and the objects
+the captions describe, summed over all evaluated images (``caption_object_f1_real``: the
+same on the real images).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class TextToImage(GenerativeTask):
     """
 
     conditioning = "text"
-    extra_sums = ("match", "match_real")
+    extra_sums = ("match", "match_real", "tp", "pred", "true", "tp_real", "pred_real")
 
     def __init__(self, *args: Any, text_encoder: str = "minilm", max_caption_tokens: int = 32, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -68,10 +72,12 @@ class TextToImage(GenerativeTask):
         n_combo = len(data.SHAPES) * len(data.COLOURS) * len(data.SIZES)
         truth = torch.stack([shapes_labels(data, i)[:n_combo] for i in indices]).bool().to(images.device)
         real = torch.stack([data[i]["image"] for i in indices]).to(images.device)
-        sums["match"] += float((self._objects(extractor, images, n_combo) == truth)
-                                                       .all(1).sum())
-        sums["match_real"] += float((self._objects(extractor, real, n_combo) == truth)
-                                                                 .all(1).sum())
+        sums["true"] += float(truth.sum())
+        for suffix, batch in (("", images), ("_real", real)):
+            read = self._objects(extractor, batch, n_combo)
+            sums["match" + suffix] += float((read == truth).all(1).sum())
+            sums["tp" + suffix] += float((read & truth).sum())
+            sums["pred" + suffix] += float(read.sum())
 
     @staticmethod
     def _can_match(data: Dataset, extractor: nn.Module | None) -> bool:
@@ -82,10 +88,18 @@ class TextToImage(GenerativeTask):
         if self._can_match(data, extractor):
             metrics["caption_match"] = sums["match"] / max(n, 1)
             metrics["caption_match_real"] = sums["match_real"] / max(n, 1)
+            for suffix in ("", "_real"):
+                metrics["caption_object_f1" + suffix] = object_f1(sums["tp" + suffix], sums["pred" + suffix],
+                                                                  sums["true"])
         else:
-            metrics["caption_match"] = metrics["caption_match_real"] = None
-            unavailable["caption_match"] = unavailable["caption_match_real"] = (
-                "needs `shapes` data and the `shapes_probe` extractor (it reads the objects of an image)")
+            why = "needs `shapes` data and the `shapes_probe` extractor (it reads the objects of an image)"
+            for key in ("caption_match", "caption_match_real", "caption_object_f1", "caption_object_f1_real"):
+                metrics[key], unavailable[key] = None, why
 
 
-__all__ = ["TextToImage"]
+def object_f1(true_positives: float, predicted: float, true: float) -> float:
+    """Micro-F1 from summed counts: 2·TP / (predicted + true); 1.0 when both are empty."""
+    return 1.0 if predicted + true == 0 else 2.0 * true_positives / (predicted + true)
+
+
+__all__ = ["TextToImage", "object_f1"]

@@ -114,6 +114,14 @@ class GenerativeTask:
                        unavailable: dict[str, str], extractor: nn.Module | None) -> None:
         """Turn the sums of :meth:`extra_metrics` into metrics."""
 
+    def prepare(self, data: Dataset) -> None:
+        """Build what the task-specific metrics need, on every rank before any batch (a
+        network trained on first use waits at a barrier: every rank must reach it together)."""
+
+    def extra_protocol(self) -> dict[str, Any]:
+        """Task-specific entries of the result's protocol (semantic synthesis: its segmenter)."""
+        return {}
+
     # -- the protocol -----------------------------------------------------------------------
     def _extractor(self, data: Dataset, unavailable: dict[str, str]) -> nn.Module | None:
         extractor, why = create_fid_extractor(self.fid_extractor, self.fid_extractor_config, data)
@@ -155,6 +163,7 @@ class GenerativeTask:
         extractor = self._extractor(data, unavailable)
         if extractor is not None:
             extractor = extractor.to(device)
+        self.prepare(data)
         real_feats: list[Tensor] = []
         fake_feats: list[Tensor] = []
         grid: list[Tensor] = []
@@ -208,6 +217,7 @@ class GenerativeTask:
         if extractor is not None:
             protocol["fid"] = {**getattr(extractor, "protocol", {"extractor": type(extractor).__name__}),
                                "reference": "real images of the evaluated samples"}
+        protocol.update(self.extra_protocol())
         artefacts: dict[str, str] = {}
         if grid and D.is_main_process():
             from torchvision.utils import save_image

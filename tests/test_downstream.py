@@ -36,6 +36,9 @@ def bind_tiny(cache) -> None:
         f"lgvq.metric.shapes_probe.cache_dir = '{cache}'",
         "lgvq.metric.shapes_probe.num_train = 32",
         "lgvq.metric.shapes_probe.steps = 3",
+        f"lgvq.metric.shapes_segmenter.cache_dir = '{cache}'",
+        "lgvq.metric.shapes_segmenter.num_train = 16",
+        "lgvq.metric.shapes_segmenter.steps = 3",
         "second_stage_training.steps = 6",
         "second_stage_training.batch_size = 4",
         "CodeGPT.width = 32",
@@ -88,6 +91,7 @@ def test_unconditional_and_completion_share_one_prior(setup):
 def test_text_to_image_reports_caption_match(setup):
     r = setup[-1]["text_to_image"]
     assert 0.0 <= r.metrics["caption_match"] <= 1.0 and 0.0 <= r.metrics["caption_match_real"] <= 1.0
+    assert 0.0 <= r.metrics["caption_object_f1"] <= 1.0 and 0.0 <= r.metrics["caption_object_f1_real"] <= 1.0
     assert r.protocol["conditioning"] == "text"
 
 
@@ -97,6 +101,7 @@ def test_caption_match_is_unavailable_without_the_probe(setup, tmp_path):
     gin.parse_config(["lgvq.task.text_to_image.fid_extractor = None"])  # create_* drops None kwargs
     r = run_tasks(tok, data, ["text_to_image"], tmp_path)["text_to_image"]
     assert r.metrics["caption_match"] is None and "shapes_probe" in r.unavailable["caption_match"]
+    assert r.metrics["caption_object_f1"] is None and "shapes_probe" in r.unavailable["caption_object_f1"]
     assert r.metrics["fid"] is None and "fid" in r.unavailable
 
 
@@ -134,7 +139,26 @@ def test_semantic_prefix_holds_class_fractions_per_code_cell(setup):
     assert prefix[0].tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0.5, 0, 0, 0.5]]
     with pytest.raises(ValueError, match="num_classes"):
         SemanticSynthesis(num_classes=3).prefix([{"semantic": semantic}], [0], torch.zeros(1, 4))
-    assert setup[-1]["semantic_synthesis"].metrics["miou"] is None
+
+
+def test_semantic_synthesis_scores_the_generated_images_by_miou(setup):
+    r = setup[-1]["semantic_synthesis"]
+    assert 0.0 <= r.metrics["miou"] <= 1.0 and 0.0 <= r.metrics["miou_real"] <= 1.0
+    seg = r.protocol["miou"]
+    assert seg["segmenter"] == "shapes_segmenter" and seg["settings"]["steps"] == 3
+    per_class = seg["iou_per_class"]["miou"]
+    assert len(per_class) == 6  # background + 5 shapes
+    present = [v for v in per_class if v is not None]
+    assert r.metrics["miou"] == pytest.approx(sum(present) / len(present), abs=1e-4)
+
+
+def test_semantic_synthesis_miou_is_unavailable_without_a_segmenter(setup, tmp_path):
+    tok, data, cache, *_ = setup
+    bind_tiny(cache)
+    gin.parse_config(["lgvq.task.semantic_synthesis.segmenter = None"])
+    r = run_tasks(tok, data, ["semantic_synthesis"], tmp_path)["semantic_synthesis"]
+    assert r.metrics["miou"] is None and r.metrics["miou_real"] is None
+    assert "segmenter = None" in r.unavailable["miou"] and r.metrics["fid"] is not None
 
 
 def test_the_prior_never_trains_on_the_evaluated_split(setup):
