@@ -6,6 +6,13 @@ reports the mean squared difference between word–word cosine similarities cos(
 and code–code similarities cos(c_l, c_m) over pairs l ≠ m of real (non-special) words of
 the same caption, summed over the whole evaluated set and divided by the number of pairs.
 
+Reference points reported with it, to read the MSE against (``docs/evaluation.md``):
+``constant_baseline_mse`` — the variance of the word–word similarities over the same pairs,
+the MSE of code similarities all set to their mean (an arrangement with no word structure
+at all reaches it); ``same_code_pair_rate`` / ``same_position_pair_rate`` — the fraction of
+word pairs whose aligned codes are the same code / the same visual position (such a pair's
+code similarity is 1, whatever the head learns).
+
 ``tables["heatmaps"]`` holds, for the first ``heatmaps`` samples, each word's cosine
 similarity to every visual position (h × w): the paper's Figure 6.
 """
@@ -68,19 +75,29 @@ class CodeWordAlignment:
         guide, head_protocol = guidance_heads(model, data, heads=self.heads, need="ras", probe_data=self.probe_data)
         ras = guide.alignment_losses["ras"]
         device = next(guide.parameters()).device
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, pairs, captions
+        # squared error, pairs, captions, same-code pairs, same-position pairs, Σ s, Σ s² (s: word–word cosine)
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
         _, total = shard(data, self.max_images)
         for batch in batches(data, self.batch_size, self.max_images):
             out = head_outputs(guide, batch)
             real = ~out.text.tokens.padding_mask
             if not getattr(ras, "include_special", False):
                 real = real & ~out.text.tokens.special_mask
-            codes, _ = aligned_codes(out, ras.project)
+            codes, sim = aligned_codes(out, ras.project)
             err, pairs = similarity_mse_sums(out.text.token_feats, codes, real)
-            sums += torch.stack([err, pairs, torch.tensor(float(real.shape[0]), device=device).double()])
+            sums += torch.stack([err, pairs, torch.tensor(float(real.shape[0]), device=device).double(),
+                                 *pair_reference_sums(out, sim.argmax(dim=-1), real)])
         D.all_reduce_sum(sums)
-        metrics: dict[str, float | None] = {"code_word_mse": float(sums[0] / sums[1]) if sums[1] > 0 else None}
-        unavailable = {} if sums[1] > 0 else {"code_word_mse": "no caption has two real words"}
+        n = float(sums[1])
+        keys = ("code_word_mse", "constant_baseline_mse", "same_code_pair_rate", "same_position_pair_rate")
+        if n > 0:
+            mean_s = float(sums[5]) / n
+            values = (float(sums[0]) / n, float(sums[6]) / n - mean_s ** 2, float(sums[3]) / n, float(sums[4]) / n)
+            metrics: dict[str, float | None] = dict(zip(keys, values))
+            unavailable: dict[str, str] = {}
+        else:
+            metrics = dict.fromkeys(keys)
+            unavailable = dict.fromkeys(keys, "no caption has two real words")
         tables: dict[str, Any] = {"heatmaps": self._heatmaps(guide, data)} if self.heatmaps else {}
         protocol = {"split": getattr(data, "split", None), "images": int(sums[2]), "images_requested": total,
                     "word_pairs": int(sums[1]), "pairs": "l != m, real non-special words of one caption",
@@ -111,8 +128,23 @@ class CodeWordAlignment:
         return maps
 
 
+def pair_reference_sums(out: HeadOutputs, n_star: torch.Tensor, real: torch.Tensor) -> list[torch.Tensor]:
+    """Over the counted word pairs (l ≠ m, both real): how many share their aligned code
+    (identical z_q vectors), how many share the visual position, Σ s and Σ s² of their
+    word–word cosines s (all float64 0-d tensors)."""
+    length = real.shape[1]
+    pairs = real[:, :, None] & real[:, None, :] & ~torch.eye(length, dtype=torch.bool, device=real.device)
+    codes = rearrange(out.z_q, "b d h w -> b (h w) d")
+    codes = torch.gather(codes, 1, n_star[..., None].expand(-1, -1, codes.shape[-1]))  # (B, L, D)
+    same_code = (codes[:, :, None, :] == codes[:, None, :, :]).all(-1)
+    same_position = n_star[:, :, None] == n_star[:, None, :]
+    t = F.normalize(out.text.token_feats.double(), dim=-1, eps=1e-6)
+    s = (t @ t.transpose(1, 2))[pairs]
+    return [(same_code & pairs).sum().double(), (same_position & pairs).sum().double(), s.sum(), s.square().sum()]
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(samples)
 
 
-__all__ = ["CodeWordAlignment", "aligned_codes"]
+__all__ = ["CodeWordAlignment", "aligned_codes", "pair_reference_sums"]

@@ -225,3 +225,36 @@ def test_masked_word_recall_counts_exactly_the_right_predictions(guided, data, c
     partial = run_tasks(guided, data, "masked_word_prediction", tmp_path)["masked_word_prediction"]
     assert partial.metrics["recall@1_k1"] == 1.0
     assert partial.metrics["recall@1_k3"] == pytest.approx(1 / 3)
+
+
+def test_code_word_reference_points_by_hand():
+    """Three real words on a 1×2 grid: words 0 and 1 at position 0, word 2 at position 1."""
+    from types import SimpleNamespace
+
+    from lgvq_plugins.tasks.code_word import pair_reference_sums
+
+    feats = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]])  # cosines: s01 = 1, s02 = s12 = 0
+    n_star = torch.tensor([[0, 0, 1]])
+    real = torch.ones(1, 3, dtype=torch.bool)
+    distinct = SimpleNamespace(z_q=torch.tensor([[[[1.0, 5.0]], [[2.0, 6.0]]]]),  # (1, D=2, 1, 2)
+                               text=SimpleNamespace(token_feats=feats))
+    same_code, same_pos, s_sum, s2_sum = (float(v) for v in pair_reference_sums(distinct, n_star, real))
+    assert (same_code, same_pos, s_sum, s2_sum) == (2.0, 2.0, 2.0, 2.0)  # ordered pairs (0,1), (1,0)
+    one_code = SimpleNamespace(z_q=torch.ones(1, 2, 1, 2), text=distinct.text)  # both positions hold one code
+    assert float(pair_reference_sums(one_code, n_star, real)[0]) == 6.0
+    real[0, 2] = False  # a padded word counts in no pair
+    assert [float(v) for v in pair_reference_sums(one_code, n_star, real)] == [2.0, 2.0, 2.0, 2.0]
+
+
+def test_code_word_reports_its_reference_points(guided_results, guided, data):
+    """The constant baseline is the variance of the word–word cosines over the counted pairs,
+    recomputed here from the encoder's features."""
+    metrics = guided_results[0]["code_word_alignment"].metrics
+    text = guided.text_cache([data[i]["caption"] for i in range(N)], torch.device("cpu"))
+    real = ~text.tokens.padding_mask & ~text.tokens.special_mask
+    length = real.shape[1]
+    pairs = real[:, :, None] & real[:, None, :] & ~torch.eye(length, dtype=torch.bool)
+    t = torch.nn.functional.normalize(text.token_feats.double(), dim=-1)
+    s = (t @ t.transpose(1, 2))[pairs]
+    assert metrics["constant_baseline_mse"] == pytest.approx(float(s.var(unbiased=False)), rel=1e-6)
+    assert 0.0 <= metrics["same_position_pair_rate"] <= metrics["same_code_pair_rate"] <= 1.0

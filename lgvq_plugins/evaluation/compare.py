@@ -62,7 +62,8 @@ from lgvq_plugins.training.experiment import (
 HEADLINE = ("reconstruction/psnr", "reconstruction/usage", "reconstruction/fid",
             "code_word_alignment/code_word_mse", "masked_word_prediction/recall@1_k1", "val_psnr",
             "val_codebook_usage", "text_to_image/fid", "text_to_image/caption_match", "unconditional/fid",
-            "completion/fid", "semantic_synthesis/fid", "captioning/bleu_4", "captioning/cider",
+            "completion/fid", "semantic_synthesis/fid", "semantic_synthesis/miou", "text_to_image/caption_object_f1",
+            "captioning/bleu_4", "captioning/cider",
             "vqa/accuracy", "grounding/acc_0.5")
 
 
