@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lgvq_plugins import api
-from lgvq_plugins.tasks.features import looks_like_shapes
-from lgvq_plugins.tasks.segmenter import iou_per_class, confusion
+from lgvq_plugins.tasks.segmenter import confusion, create_segmenter, iou_per_class
 from lgvq_plugins.tasks.unconditional import GenerativeTask
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -71,14 +69,7 @@ class SemanticSynthesis(GenerativeTask):
         """The segmenter of generated images, built once (None, with the reason kept, when
         there is none for this data)."""
         if self._segmenter is None and self._segmenter_why is None:
-            name = self.segmenter_name
-            if name == "auto":
-                name = "shapes_segmenter" if looks_like_shapes(data) else None
-            if name is None:
-                self._segmenter_why = (f"no segmenter (semantic_synthesis.segmenter = {self.segmenter_name!r}; "
-                                       "'auto' has one for `shapes` data only)")
-            else:
-                self._segmenter = api.create_metric(name, **self.segmenter_config)
+            self._segmenter, self._segmenter_why = create_segmenter(self.segmenter_name, self.segmenter_config, data)
         return self._segmenter
 
     def extra_metrics(self, data: Dataset, indices: list[int], images: Tensor, extractor: nn.Module | None,

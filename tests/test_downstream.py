@@ -95,14 +95,17 @@ def test_text_to_image_reports_caption_match(setup):
     assert r.protocol["conditioning"] == "text"
 
 
-def test_caption_match_is_unavailable_without_the_probe(setup, tmp_path):
+def test_caption_match_needs_the_segmenter_not_the_fid_extractor(setup, tmp_path):
     tok, data, cache, *_ = setup
     bind_tiny(cache)  # conftest clears gin around every test
-    gin.parse_config(["lgvq.task.text_to_image.fid_extractor = None"])  # create_* drops None kwargs
-    r = run_tasks(tok, data, ["text_to_image"], tmp_path)["text_to_image"]
-    assert r.metrics["caption_match"] is None and "shapes_probe" in r.unavailable["caption_match"]
-    assert r.metrics["caption_object_f1"] is None and "shapes_probe" in r.unavailable["caption_object_f1"]
+    gin.parse_config(["lgvq.task.text_to_image.fid_extractor = None"])
+    r = run_tasks(tok, data, ["text_to_image"], tmp_path / "no_fid")["text_to_image"]
     assert r.metrics["fid"] is None and "fid" in r.unavailable
+    assert 0.0 <= r.metrics["caption_object_f1"] <= 1.0 and r.protocol["caption_match"]["min_object_pixels"] == 4
+    gin.parse_config(["lgvq.task.text_to_image.segmenter = None"])
+    r = run_tasks(tok, data, ["text_to_image"], tmp_path / "no_reader")["text_to_image"]
+    for key in ("caption_match", "caption_match_real", "caption_object_f1", "caption_object_f1_real"):
+        assert r.metrics[key] is None and "segmenter = None" in r.unavailable[key]
 
 
 def test_a_second_run_resumes_the_trained_prior(setup, monkeypatch):
