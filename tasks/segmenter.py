@@ -85,7 +85,7 @@ class ShapesSegmenter(nn.Module):
         cache_dir: cache folder; default ``$LGVQ_CACHE_DIR`` or ``~/.cache/lgvq_plugins``.
     """
 
-    def __init__(self, image_size: int = 32, num_train: int = 4000, steps: int = 600, batch_size: int = 32,
+    def __init__(self, image_size: int = 32, num_train: int = 4000, steps: int = 1200, batch_size: int = 32,
                  lr: float = 2e-3, width: int = 16, max_objects: int = 3, data_seed: int = 0, seed: int = 0,
                  cache_dir: str | None = None):
         super().__init__()
