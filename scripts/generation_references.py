@@ -1,9 +1,12 @@
-"""Reference points for ``text_to_image``'s caption metrics on ``shapes``: what the object
-reader (``shapes_segmenter``) scores on *real* test images against their own captions (the
-ceiling the task reports as ``caption_*_real``) and against another image's caption (the
-level of an image that ignores its caption).
+"""Reference points for the generation tasks' `shapes` metrics, to read their numbers against.
 
-    python scripts/caption_reader_reference.py --images 64
+* ``text_to_image``: what the object reader (``shapes_segmenter``) scores on *real* test
+  images against their own captions (the ceiling the task reports as ``caption_*_real``) and
+  against another image's caption (the level of an image that ignores its caption);
+* ``semantic_synthesis``: the mIoU of predicting background everywhere and of another
+  image's semantic map (the level of an image that ignores its map).
+
+    python scripts/generation_references.py --images 64
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import statistics
 import torch
 
 from lgvq_plugins import api
-from lgvq_plugins.tasks.segmenter import ShapesSegmenter, objects_present
+from lgvq_plugins.tasks.segmenter import ShapesSegmenter, confusion, mean_iou, objects_present
 from lgvq_plugins.tasks.text_to_image import described_objects, object_f1
 
 
@@ -37,12 +40,18 @@ def main() -> None:
     truth = torch.stack([described_objects(data, i) for i in range(len(data))]).flatten(1)
     shapes, colours = ShapesSegmenter().read(images)
     read = objects_present(shapes, colours, len(data.SHAPES), len(data.COLOURS), args.min_object_pixels).flatten(1)
+    maps = torch.stack([torch.as_tensor(data[i]["semantic"]) for i in range(len(data))]).long()
+    classes = 1 + len(data.SHAPES)
+    other_maps = [mean_iou(confusion(maps.roll(k, 0), maps, classes)) for k in range(1, args.shifts + 1)]
     own = scores(read, truth)
     other = [scores(read, truth.roll(k, 0)) for k in range(1, args.shifts + 1)]
     print(json.dumps({"images": len(data), "own_caption": {"object_f1": own[0], "match": own[1]},
                       "another_caption": {"object_f1_mean": statistics.mean(f for f, _ in other),
                                           "object_f1_range": [min(f for f, _ in other), max(f for f, _ in other)],
-                                          "match_mean": statistics.mean(m for _, m in other)}}, indent=2))
+                                          "match_mean": statistics.mean(m for _, m in other)},
+                      "semantic_miou": {"all_background": mean_iou(confusion(torch.zeros_like(maps), maps, classes)),
+                                        "another_map_mean": statistics.mean(other_maps),
+                                        "another_map_range": [min(other_maps), max(other_maps)]}}, indent=2))
 
 
 if __name__ == "__main__":
