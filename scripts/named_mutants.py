@@ -13,7 +13,7 @@ with ``lgvq_plugins`` imported from the copy. A mutant is *killed* when its test
 tests, so a failure is the mutant's doing. Exit status 1 if any mutant survived.
 
 This complements ``scripts/mutation.sh`` (mutmut over whole modules): these are the mutants
-the mutation review of issue 13 found surviving, kept as a regression list.
+a mutation review of the core found surviving, kept as a regression list.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The downstream tasks in ``lgvq compare`` and the reports (issue 11, deliverable 3): a tiny
+"""The downstream tasks in ``lgvq compare`` and the reports: a tiny
 comparison (2 variants, 1 seed, 2 training steps) runs all seven downstream tasks; its table
 holds each task's numbers with their protocol, its report and each run's report show each
 task's outputs (samples, captions, answers, boxes). ``Comparison.tokenizers_from`` evaluates

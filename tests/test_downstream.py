@@ -1,4 +1,4 @@
-"""The generation tasks (issue 11) end to end on a tiny ``shapes`` split, in seconds.
+"""The generation tasks end to end on a tiny ``shapes`` split, in seconds.
 
 A tiny VQ-GAN (32×32 images, 8×8 codes, K=32), a 1-layer CodeGPT trained for a few steps
 on 24 cached training images, 6 evaluated images, a few-step ``shapes_probe``.

@@ -1,4 +1,4 @@
-"""``captioning`` (issue 11): scores agree with pycocoevalcap run directly; end to end on a
+"""``captioning``: scores agree with pycocoevalcap run directly; end to end on a
 tiny ``shapes`` split."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``vqa`` and ``grounding`` (issue 11): IoU and accuracy on constructed cases; both tasks
+"""``vqa`` and ``grounding``: IoU and accuracy on constructed cases; both tasks
 end to end on a tiny ``shapes`` split; the reader learns from its inputs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Each evaluation metric against a hand-computed or independent value (issue 10, part 5)."""
+"""Each evaluation metric against a hand-computed or independent value."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The second stage (issue 11): CodeGPT, sampling, the code cache, training and resume."""
+"""The second stage: CodeGPT, sampling, the code cache, training and resume."""
 
 from __future__ import annotations
 

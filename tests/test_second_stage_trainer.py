@@ -1,4 +1,4 @@
-"""The second stage trains through the project's Trainer (issue 11): checkpoints and logs in
+"""The second stage trains through the project's Trainer: checkpoints and logs in
 the run directory, exact resume after a crash between checkpoints, the settings checked on
 resume, first-stage ``Trainer.*`` bindings kept out, the caller's RNG untouched, the heads
 trained the same way, and a two-process torchrun (gloo) run equal on both ranks and to one

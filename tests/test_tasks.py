@@ -1,4 +1,4 @@
-"""Every evaluation task end to end on a tiny ``shapes`` split (issue 10, parts 1 and 5).
+"""Every evaluation task end to end on a tiny ``shapes`` split.
 
 A tiny VQ-GAN (32×32 images, 32 codes) guided through the offline MiniLM encoder; the
 ``shapes_probe`` extractor and the alignment probe are trained with a few steps only, into
