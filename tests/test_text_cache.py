@@ -308,3 +308,38 @@ def test_pending_rows_are_written_at_exit(tmp_path):
     with safe_open(str(found[0]), framework="pt") as f:
         assert f.metadata()["identity"] == "fake-v1"
         assert f.get_tensor("token_feats").shape == (2, 4, 3)
+
+
+def test_bad_settings_raise_with_the_exact_message_and_boundaries_are_accepted(encoder):
+    """Each bound exactly: 0 refused, 1 accepted (and the message as documented)."""
+    for kwargs, message in (
+        ({"flush_every": 0}, "TextFeatureCache: flush_every=0 must be at least 1"),
+        ({"max_memory_rows": 0}, "TextFeatureCache: max_memory_rows=0 must be at least 1 or None"),
+        ({"max_memory_mb": 0}, "TextFeatureCache: max_memory_mb=0 must be > 0 or None "
+                               "(TextFeatureCache.max_memory_mb in gin)"),
+    ):
+        with pytest.raises(ValueError) as err:
+            TextFeatureCache(encoder, **kwargs)
+        assert str(err.value).splitlines()[0] == message  # gin may add its "In call to" line
+    cache = TextFeatureCache(encoder, flush_every=1, max_memory_rows=1, max_memory_mb=1e-3)
+    assert cache.flush_every == 1 and cache.max_memory_rows == 1
+    with pytest.raises(ValueError) as err:
+        cache.warm(["a red circle"], batch_size=0)
+    assert str(err.value).splitlines()[0] == "TextFeatureCache.warm: batch_size=0 must be at least 1"
+    assert cache.warm(["a red circle", "a blue square"], batch_size=1) == 2
+    with pytest.raises(ValueError) as err:
+        cache([], torch.device("cpu"))
+    assert str(err.value).splitlines()[0] == "TextFeatureCache.cache: got an empty list of captions"
+
+
+def test_warm_counts_misses_and_shards_exactly(encoder, tmp_path):
+    cache = TextFeatureCache(encoder, tmp_path, flush_every=2)
+    assert cache.warm(["a", "b", "c"], batch_size=2) == 3
+    first = cache.stats.shards_written
+    assert cache.stats.misses == 3 and cache.stats.hits == 0 and first == len(shards(cache.directory)) >= 1
+    cache.warm(["c", "d", "e"], batch_size=2)  # "c" is known: 2 new misses
+    cache.save()
+    assert cache.stats.misses == 5
+    assert cache.stats.shards_written == len(shards(cache.directory)) > first  # counted as written
+    assert "captions=5" in repr(cache) and str(cache.directory) in repr(cache)
+    assert "memory only" in repr(TextFeatureCache(encoder))
