@@ -514,3 +514,46 @@ def test_gsa_gathers_negatives_across_ranks():
     script = Path(__file__).resolve().parent / "scripts" / "gsa_ddp_worker.py"
     proc = torchrun([str(script)], nproc=2, timeout=120)
     assert "rank 0: gsa ddp ok" in proc.stdout and "rank 1: gsa ddp ok" in proc.stdout
+
+
+def test_loss_defaults_are_the_documented_reference_values():
+    """docs/reference.md: mtp decoder 2 layers × 8 heads, MLP ratio 4, label smoothing 0.1, mask
+    ratio from N(0.5, 0.1) truncated to [0.1, 0.3], at least one token masked; gsa at
+    temperature 1, one-directional; ras over real words, unweighted, special tokens out."""
+    import inspect
+
+    from lgvq_plugins.guidance.losses import GlobalSemanticAlignment, MaskedTextPrediction, RelationshipAlignment
+
+    def defaults(cls):
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    mtp = defaults(MaskedTextPrediction)
+    assert {k: mtp[k] for k in ("depth", "heads", "mlp_ratio", "dropout", "label_smoothing", "mask_ratio_mean",
+                                "mask_ratio_std", "mask_ratio_low", "mask_ratio_high", "mask_min_one")} == {
+        "depth": 2, "heads": 8, "mlp_ratio": 4.0, "dropout": 0.0, "label_smoothing": 0.1, "mask_ratio_mean": 0.5,
+        "mask_ratio_std": 0.1, "mask_ratio_low": 0.1, "mask_ratio_high": 0.3, "mask_min_one": True}
+    assert defaults(GlobalSemanticAlignment) == {"temperature": 1.0, "symmetric": False}
+    assert defaults(RelationshipAlignment) == {"reduction": "real_words", "weight_by_similarity": False,
+                                               "include_special": False}
+
+
+@pytest.mark.parametrize("missing", ["text", "visual_tokens"])
+def test_a_loss_without_captions_or_visual_tokens_names_what_is_missing(missing):
+    from lgvq_plugins.guidance.losses import _require_text
+
+    guided = types.SimpleNamespace(text=object(), visual_tokens=object())
+    setattr(guided, missing, None)  # either one alone is enough to refuse
+    with pytest.raises(ValueError) as err:
+        _require_text(guided, "gsa")
+    assert str(err.value) == ("alignment loss 'gsa' needs caption features and visual tokens; "
+                              "call LanguageGuided with captions (guidance enabled)")
+
+
+def test_gsa_temperature_must_be_positive_with_the_exact_message():
+    from lgvq_plugins.guidance.losses import GlobalSemanticAlignment
+
+    with pytest.raises(ValueError) as err:
+        GlobalSemanticAlignment(temperature=0.0)
+    assert str(err.value).splitlines()[0] == "gsa.temperature must be > 0, got 0.0"
+    assert GlobalSemanticAlignment(temperature=1e-3).temperature == pytest.approx(1e-3)
