@@ -211,4 +211,20 @@ def create_segmenter(name: str | None, config: dict[str, Any], data: Any) -> tup
     if name is None:
         return None, "segmenter = None"
     return api.create_metric(name, **config), None
-__all__ = ["ShapesSegmenter", "confusion", "create_segmenter", "iou_per_class", "mean_iou", "objects_present"]
+class UsesSegmenter:
+    """Mixin of the generation tasks whose metrics read generated images with a segmenter
+    (``segmenter`` / ``segmenter_config`` settings): built once, on every rank, in
+    :meth:`prepare` (before any batch: a segmenter trained on first use waits at a barrier);
+    ``None`` with the reason in ``_segmenter_why`` when there is none for the data."""
+
+    def _init_segmenter(self, name: str | None, config: dict[str, Any] | None) -> None:
+        self.segmenter_name, self.segmenter_config = name, dict(config or {})
+        self._segmenter: nn.Module | None = None
+        self._segmenter_why: str | None = None
+
+    def prepare(self, data: Any) -> None:
+        if self._segmenter is None and self._segmenter_why is None:
+            self._segmenter, self._segmenter_why = create_segmenter(self.segmenter_name, self.segmenter_config, data)
+
+
+__all__ = ["ShapesSegmenter", "UsesSegmenter", "confusion", "create_segmenter", "iou_per_class", "mean_iou", "objects_present"]

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lgvq_plugins.tasks.segmenter import confusion, create_segmenter, iou_per_class
+from lgvq_plugins.tasks.segmenter import UsesSegmenter, confusion, iou_per_class
 from lgvq_plugins.tasks.unconditional import GenerativeTask
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 
-class SemanticSynthesis(GenerativeTask):
+class SemanticSynthesis(UsesSegmenter, GenerativeTask):
     """Semantic image synthesis (gin: ``semantic_synthesis.*``).
 
     Args:
@@ -39,9 +39,7 @@ class SemanticSynthesis(GenerativeTask):
                  segmenter_config: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.num_classes = int(num_classes)
-        self.segmenter_name, self.segmenter_config = segmenter, dict(segmenter_config or {})
-        self._segmenter: nn.Module | None = None
-        self._segmenter_why: str | None = None
+        self._init_segmenter(segmenter, segmenter_config)
         self._iou_per_class: dict[str, list[float | None]] = {}
         # confusion-matrix cells of generated and real images, summed like the other sums
         cells = range(self.num_classes * self.num_classes)
@@ -62,22 +60,11 @@ class SemanticSynthesis(GenerativeTask):
         cells = F.adaptive_avg_pool2d(onehot, (h, w))  # class fractions per code cell
         return cells.flatten(2).transpose(1, 2), torch.ones(len(indices), h * w, dtype=torch.bool)
 
-    def prepare(self, data: Dataset) -> None:
-        self.segmenter(data)
-
-    def segmenter(self, data: Dataset) -> nn.Module | None:
-        """The segmenter of generated images, built once (None, with the reason kept, when
-        there is none for this data)."""
-        if self._segmenter is None and self._segmenter_why is None:
-            self._segmenter, self._segmenter_why = create_segmenter(self.segmenter_name, self.segmenter_config, data)
-        return self._segmenter
-
     def extra_metrics(self, data: Dataset, indices: list[int], images: Tensor, extractor: nn.Module | None,
                       sums: dict[str, float]) -> None:
-        segmenter = self.segmenter(data)
-        if segmenter is None:
+        if self._segmenter is None:
             return
-        segmenter = segmenter.to(images.device)
+        segmenter = self._segmenter.to(images.device)
         maps = torch.stack([torch.as_tensor(data[i]["semantic"]) for i in indices]).to(images.device)
         real = torch.stack([data[i]["image"] for i in indices]).to(images.device)
         for kind, batch in (("fake", images), ("real", real)):
@@ -90,8 +77,7 @@ class SemanticSynthesis(GenerativeTask):
 
     def finish_metrics(self, data: Dataset, sums: dict[str, float], n: int, metrics: dict[str, float | None],
                        unavailable: dict[str, str], extractor: nn.Module | None) -> None:
-        segmenter = self.segmenter(data)
-        if segmenter is None:
+        if self._segmenter is None:
             metrics["miou"] = metrics["miou_real"] = None
             unavailable["miou"] = unavailable["miou_real"] = self._segmenter_why or "no segmenter"
             return

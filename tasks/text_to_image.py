@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lgvq_plugins.tasks.segmenter import create_segmenter, objects_present
+from lgvq_plugins.tasks.segmenter import UsesSegmenter, objects_present
 from lgvq_plugins.tasks.unconditional import GenerativeTask
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -41,7 +41,7 @@ def described_objects(data: Any, index: int) -> Tensor:
     return out
 
 
-class TextToImage(GenerativeTask):
+class TextToImage(UsesSegmenter, GenerativeTask):
     """Text-to-image generation (gin: ``text_to_image.*``).
 
     Args:
@@ -62,11 +62,9 @@ class TextToImage(GenerativeTask):
                  min_object_pixels: int = 4, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.text_encoder_name, self.max_caption_tokens = text_encoder, int(max_caption_tokens)
-        self.segmenter_name, self.segmenter_config = segmenter, dict(segmenter_config or {})
+        self._init_segmenter(segmenter, segmenter_config)
         self.min_object_pixels = int(min_object_pixels)
         self._encoder: nn.Module | None = None
-        self._reader: nn.Module | None = None
-        self._reader_why: str | None = None
 
     def _text(self) -> nn.Module:
         if self._encoder is None:
@@ -81,18 +79,14 @@ class TextToImage(GenerativeTask):
         feats, mask = cached_caption_features(self._text(), captions, cache_dir=self.cache_dir)
         return feats[:, : self.max_caption_tokens], mask[:, : self.max_caption_tokens]
 
-    def prepare(self, data: Dataset) -> None:
-        if self._reader is None and self._reader_why is None:
-            self._reader, self._reader_why = create_segmenter(self.segmenter_name, self.segmenter_config, data)
-
     def _read(self, images: Tensor, num_shapes: int, num_colours: int) -> Tensor:
-        self._reader = self._reader.to(images.device)
-        shape_map, colour_map = self._reader.read(images)
+        self._segmenter = self._segmenter.to(images.device)
+        shape_map, colour_map = self._segmenter.read(images)
         return objects_present(shape_map, colour_map, num_shapes, num_colours, self.min_object_pixels).flatten(1)
 
     def extra_metrics(self, data: Dataset, indices: list[int], images: Tensor, extractor: nn.Module | None,
                       sums: dict[str, float]) -> None:
-        if self._reader is None:
+        if self._segmenter is None:
             return
         n_shapes, n_colours = len(data.SHAPES), len(data.COLOURS)
         truth = torch.stack([described_objects(data, i) for i in indices]).flatten(1).to(images.device)
@@ -106,9 +100,9 @@ class TextToImage(GenerativeTask):
 
     def finish_metrics(self, data: Dataset, sums: dict[str, float], n: int, metrics: dict[str, float | None],
                        unavailable: dict[str, str], extractor: nn.Module | None) -> None:
-        if self._reader is None:
+        if self._segmenter is None:
             for key in MATCH_METRICS:
-                metrics[key], unavailable[key] = None, f"no object reader: {self._reader_why}"
+                metrics[key], unavailable[key] = None, f"no object reader: {self._segmenter_why}"
             return
         metrics["caption_match"] = sums["match"] / max(n, 1)
         metrics["caption_match_real"] = sums["match_real"] / max(n, 1)
@@ -116,9 +110,9 @@ class TextToImage(GenerativeTask):
             metrics["caption_object_f1" + suffix] = object_f1(sums["tp" + suffix], sums["pred" + suffix], sums["true"])
 
     def extra_protocol(self) -> dict[str, Any]:
-        if self._reader is None:
+        if self._segmenter is None:
             return {}
-        return {"caption_match": {**getattr(self._reader, "protocol", {}), "objects": "(shape, colour) pairs",
+        return {"caption_match": {**getattr(self._segmenter, "protocol", {}), "objects": "(shape, colour) pairs",
                                   "min_object_pixels": self.min_object_pixels,
                                   "object_f1": "micro-F1, counts summed over all evaluated images"}}
 

@@ -86,7 +86,7 @@ def test_text_to_image_object_counts_by_hand():
     fake = paint([[], [tuple(o) for o in truth[1]] + [extra]])  # nothing; the objects and one more
     real = paint([[tuple(o) for o in truth[0]], [tuple(o) for o in truth[1]]])
     task = TextToImage()
-    task._reader = MapReader([fake, real])  # generated first, then real
+    task._segmenter = MapReader([fake, real])  # generated first, then real
     sums = dict.fromkeys(task.extra_sums, 0.0)
     task.extra_metrics(data, [0, 1], torch.zeros(2, 3, 32, 32), None, sums)
     assert sums["true"] == t0 + t1 and sums["tp"] == t1 and sums["pred"] == t1 + 1
